@@ -1,0 +1,42 @@
+"""The `seshu` command line: one typer sub-app per command group, each a thin layer over the library."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from seshu.errors import UserError
+
+app = typer.Typer(
+    name="seshu",
+    help="Build small language models by the public, for the public.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    # Imported here so that `seshu --help` stays fast and each group owns its own module.
+    from seshu.cli import evaluate, generate, pretrain, quickstart, tokenizer
+
+    app.add_typer(tokenizer.app, name="tokenizer")
+    app.add_typer(evaluate.app, name="eval")
+    pretrain.register(app)
+    generate.register(app)
+    quickstart.register(app)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    # bitsandbytes warns at import, on every CPU without the optional `kernels` package, about a 4-bit kernel
+    # Seshu does not need; without a handler of its own that reaches stderr through logging's last resort.
+    logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
+    _register()
+    try:
+        app()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

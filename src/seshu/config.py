@@ -1,0 +1,219 @@
+"""Recipes: pydantic models of the YAML files that drive every command, loading and `--set` overrides.
+
+A recipe is validated as a whole before anything runs, unknown keys are errors, and each error names the
+dotted key and the file it came from. `inherit: other.yaml` lets a tiny variant state only what differs from
+the real-scale recipe instead of copying it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from seshu import assets
+from seshu.errors import UserError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Strict):
+    arch: str = "llama"
+    preset: str = "tiny"
+    init_from: str | None = None
+    # Any field of the architecture's transformers config, applied on top of the preset.
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class TokenizerTraining(_Strict):
+    vocab_size: int = Field(8000, ge=64)
+    kind: Literal["bpe", "unigram"] = "bpe"
+    # Exponent of language-balanced sampling: 1.0 keeps the corpus' own mix, 0.0 gives every script the
+    # same share, 0.3 is the usual middle ground for many languages.
+    balance_alpha: float | None = Field(None, ge=0.0, le=1.0)
+    max_docs: int | None = Field(None, ge=1)
+
+
+class TokenizerSection(_Strict):
+    path: str | None = None
+    train: TokenizerTraining = Field(default_factory=TokenizerTraining)
+
+
+class SourceEntry(_Strict):
+    path: str
+    weight: float = Field(1.0, gt=0)
+    text_field: str | None = None
+    name: str | None = None  # HF dataset configuration
+    split: str = "train"
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_packaged(cls, value: str) -> str:
+        return assets.resolve(value)
+
+
+class CleanSection(_Strict):
+    normalize: bool = True
+    min_chars: int = Field(1, ge=0)
+    max_chars: int | None = Field(None, ge=1)
+    dedup: bool = True
+    near_dedup: bool = False
+    near_dedup_threshold: float = Field(0.85, gt=0, le=1)
+    # De-duplication remembers this many recent documents, so memory stays bounded on any corpus size.
+    dedup_window: int = Field(1_000_000, ge=1)
+    scripts: list[str] | None = None
+
+
+class DataSection(_Strict):
+    train: str | SourceEntry | list[str | SourceEntry]
+    validation: float | str | SourceEntry | list[str | SourceEntry] = 0.05
+    text_field: str = "text"
+    streaming: bool = False
+    mix_stop: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
+    clean: CleanSection = Field(default_factory=CleanSection)
+    max_eval_blocks: int = Field(256, ge=1)
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_in_range(cls, value: Any) -> Any:
+        if isinstance(value, float) and not 0.0 < value < 1.0:
+            raise ValueError("a validation fraction must be between 0 and 1")
+        return value
+
+    def train_sources(self) -> list[SourceEntry]:
+        return _entries(self.train, self.text_field)
+
+    def validation_sources(self) -> list[SourceEntry]:
+        if isinstance(self.validation, float):
+            return []
+        return _entries(self.validation, self.text_field)
+
+
+def _entries(value: str | SourceEntry | list[str | SourceEntry], text_field: str) -> list[SourceEntry]:
+    items = value if isinstance(value, list) else [value]
+    entries = [SourceEntry(path=item) if isinstance(item, str) else item for item in items]
+    return [e if e.text_field else e.model_copy(update={"text_field": text_field}) for e in entries]
+
+
+class TrainSection(_Strict):
+    seq_len: int = Field(256, ge=8)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    max_steps: int = Field(1000, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    optimizer: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
+    compile: bool = False
+    eval_every: int = Field(100, ge=1)
+    save_every: int = Field(500, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class TrackSection(_Strict):
+    report_to: Literal["none", "tensorboard", "mlflow"] = "none"
+    experiment: str = "seshu"
+    # For mlflow: a tracking URI; by default a local store inside the run directory.
+    tracking_uri: str | None = None
+
+
+class PretrainRecipe(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    track: TrackSection = Field(default_factory=TrackSection)
+    output_dir: str = "runs/pretrain"
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML file, following `inherit:` chains (paths relative to the including file)."""
+    return _read_yaml(path, seen=())
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"{path}: 'inherit' forms a cycle")
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(f"{path}{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe must be a YAML mapping, not {type(raw).__name__}")
+    parent = raw.pop("inherit", None)
+    if parent is None:
+        return raw
+    base = _read_yaml(path.parent / str(parent), (*seen, path))
+    return deep_merge(base, raw)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` laid over `base`: mappings merge key by key, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` strings; values are parsed as YAML, so `3e-4`, `true` and `[a, b]` work."""
+    result = dict(raw)
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {assignment!r}: expected key=value, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        patch: Any = value
+        for part in reversed(key.strip().split(".")):
+            patch = {part: patch}
+        result = deep_merge(result, patch)
+    return result
+
+
+def validate(model: type[BaseModel], raw: dict[str, Any], source: str) -> Any:
+    """`raw` as an instance of `model`, or a UserError naming the first bad key."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise UserError(f"{source}: unknown key '{key}'") from None
+        if err["type"] == "missing":
+            raise UserError(f"{source}: missing required key '{key}'") from None
+        raise UserError(f"{source}: '{key}': {err['msg']}") from None
+
+
+def load_recipe(model: type[BaseModel], path: str | Path, overrides: list[str] | None = None) -> Any:
+    """Read, override and validate a recipe file."""
+    raw = apply_overrides(read_yaml(Path(path)), overrides or [])
+    return validate(model, raw, str(path))
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The recipe as YAML, every default spelled out (written into run directories and model cards)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
