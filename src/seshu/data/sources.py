@@ -1,0 +1,277 @@
+"""Text documents from wherever a corpus lives: local files and folders, or a Hugging Face dataset id.
+
+Every reader is a generator that holds one line, one JSON record or one Parquet/CSV batch at a time, so a
+corpus of any size streams through in bounded memory (the one exception is a `.json` file holding a single
+JSON list, which has to be parsed whole). Bad input becomes a `UserError` that names the file, the line or
+record, and what to do about it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from seshu.config import SourceEntry
+from seshu.errors import UserError
+
+# Rows per Parquet batch: enough to amortise Arrow's per-batch cost, few enough to stay at a few MB.
+_BATCH_ROWS = 1024
+_CSV_BLOCK_BYTES = 1 << 22
+# "name" or "owner/name": the only shapes a Hub dataset id takes. Anything else that does not exist locally is
+# a mistyped path, and sending it to the Hub would only add a minute of network retries to the error.
+_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def read_documents(
+    path: str,
+    text_field: str = "text",
+    *,
+    split: str = "train",
+    name: str | None = None,
+    streaming: bool = True,
+) -> Iterator[str]:
+    """The non-empty texts of a file, a folder (every supported file inside, recursively, in sorted order)
+    or, when no such local path exists, a Hugging Face dataset id.
+
+    `.txt` files hold one document per non-empty line; `.jsonl`/`.json` records, `.parquet` and `.csv` rows
+    hold it in `text_field`. The path is checked (and a dataset id loaded) at call time, so a wrong path fails
+    before any work starts; the documents themselves are read lazily.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        files = _corpus_files(local)
+        documents = _files_documents(files, text_field)
+    else:
+        documents = _hub_documents(path, text_field, split=split, name=name, streaming=streaming)
+    return _require_text(documents, path)
+
+
+def source_documents(entry: SourceEntry, streaming: bool) -> Iterator[str]:
+    """`read_documents` for one `train`/`validation` entry of a recipe."""
+    return read_documents(
+        entry.path, entry.text_field or "text", split=entry.split, name=entry.name, streaming=streaming
+    )
+
+
+def corpus_files(path: str) -> list[Path] | None:
+    """The files `read_documents(path)` would read, or None when `path` is not local (a dataset id)."""
+    local = Path(path).expanduser()
+    return _corpus_files(local) if local.exists() else None
+
+
+def _corpus_files(local: Path) -> list[Path]:
+    if local.is_file():
+        if _reader_for(local) is None:
+            raise UserError(f"{local}: unsupported file type '{local.suffix}'; use {_supported()}")
+        return [local]
+    files = sorted(
+        p
+        for p in local.rglob("*")
+        if p.is_file()
+        and _reader_for(p) is not None
+        and not any(part.startswith(".") for part in p.relative_to(local).parts)
+    )
+    if not files:
+        raise UserError(f"{local} has no text: the folder holds no {_supported()} file")
+    return files
+
+
+def _files_documents(files: list[Path], text_field: str) -> Iterator[str]:
+    for file in files:
+        reader = _reader_for(file)
+        assert reader is not None  # _corpus_files only lists supported files
+        yield from reader(file, text_field)
+
+
+def _require_text(documents: Iterator[str], path: str) -> Iterator[str]:
+    """Pass documents through, and fail if there are none: an empty corpus is a mistake in the recipe, and
+    saying so here beats a puzzling "no block of N tokens" much later."""
+    empty = True
+    for text in documents:
+        empty = False
+        yield text
+    if empty:
+        raise UserError(f"{path} has no text: every document in it is empty; point the recipe at a corpus")
+
+
+# --- local formats -------------------------------------------------------------------------------------
+
+
+def _read_txt(file: Path, text_field: str) -> Iterator[str]:
+    """One document per non-empty line (`text_field` does not apply to plain text)."""
+    for line in _lines(file):
+        if line.strip():
+            yield line.rstrip("\r\n")
+
+
+def _read_jsonl(file: Path, text_field: str) -> Iterator[str]:
+    record_no = 0
+    for line_no, line in enumerate(_lines(file), 1):
+        if not line.strip():
+            continue
+        record_no += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(
+                f"{file}, line {line_no}: malformed JSON ({exc.msg}); fix or remove that line"
+            ) from None
+        text = _record_text(record, text_field, f"{file}, record {record_no} (line {line_no})")
+        if text:
+            yield text
+
+
+def _read_json(file: Path, text_field: str) -> Iterator[str]:
+    """A `.json` file is either one JSON list of records or JSON Lines; the first character tells which."""
+    with open(file, "rb") as handle:
+        head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"["):
+        yield from _read_jsonl(file, text_field)
+        return
+    try:
+        records = json.loads(file.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{file}, line {exc.lineno}, column {exc.colno}: malformed JSON ({exc.msg}); fix the file"
+        ) from None
+    except UnicodeDecodeError:
+        raise UserError(f"{file}: not valid UTF-8 text; convert it to UTF-8") from None
+    for record_no, record in enumerate(records, 1):
+        text = _record_text(record, text_field, f"{file}, record {record_no}")
+        if text:
+            yield text
+
+
+def _read_parquet(file: Path, text_field: str) -> Iterator[str]:
+    try:
+        parquet = pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{file}: not a readable Parquet file ({exc}); re-export it") from None
+    _require_column(file, text_field, parquet.schema_arrow.names)
+    for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]):
+        yield from _column_texts(file, text_field, batch.column(0).to_pylist())
+
+
+def _read_csv(file: Path, text_field: str) -> Iterator[str]:
+    """CSV with a header row; quoted fields may span lines, as documents often do."""
+    header = next(csv.reader(_lines(file)), None)
+    if header is None:
+        return
+    _require_column(file, text_field, header)
+    try:
+        reader = pa_csv.open_csv(
+            file,
+            read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(
+                include_columns=[text_field], column_types={text_field: pa.string()}
+            ),
+        )
+        for batch in reader:
+            yield from _column_texts(file, text_field, batch.column(0).to_pylist())
+    except pa.ArrowInvalid as exc:
+        raise UserError(f"{file}: malformed CSV ({exc}); fix the file or export it again") from None
+
+
+_READERS: dict[str, Callable[[Path, str], Iterator[str]]] = {
+    ".txt": _read_txt,
+    ".jsonl": _read_jsonl,
+    ".json": _read_json,
+    ".parquet": _read_parquet,
+    ".csv": _read_csv,
+}
+
+
+def _reader_for(file: Path) -> Callable[[Path, str], Iterator[str]] | None:
+    return _READERS.get(file.suffix.lower())
+
+
+def _supported() -> str:
+    return ", ".join(_READERS)
+
+
+def _lines(file: Path) -> Iterator[str]:
+    """The lines of a UTF-8 file (a leading byte-order mark removed). Lines are decoded one by one, so a
+    bad byte is reported on its own line rather than somewhere in an 8 KB read buffer."""
+    with open(file, "rb") as handle:
+        for line_no, raw in enumerate(handle, 1):
+            try:
+                yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise UserError(
+                    f"{file}, line {line_no}: not valid UTF-8; convert the file to UTF-8"
+                ) from None
+
+
+def _record_text(record: Any, text_field: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        raise UserError(f"{where}: expected a JSON object with a '{text_field}' field, found {_kind(record)}")
+    if text_field not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        raise UserError(
+            f"{where}: no '{text_field}' field (it has: {fields}); set text_field to the one holding the text"
+        )
+    return _as_text(record[text_field], text_field, where)
+
+
+def _column_texts(file: Path, text_field: str, values: list[Any]) -> Iterator[str]:
+    for value in values:
+        text = _as_text(value, text_field, str(file))
+        if text:
+            yield text
+
+
+def _as_text(value: Any, text_field: str, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise UserError(f"{where}: '{text_field}' holds {_kind(value)}, not text; set text_field to a text field")
+
+
+def _require_column(file: Path, text_field: str, columns: list[str]) -> None:
+    if text_field not in columns:
+        raise UserError(
+            f"{file}: no '{text_field}' column (it has: {', '.join(columns) or 'none'}); "
+            "set text_field to the one holding the text"
+        )
+
+
+def _kind(value: Any) -> str:
+    kinds: dict[type, str] = {dict: "an object", list: "a list"}
+    return kinds.get(type(value), f"a {type(value).__name__}")
+
+
+# --- Hugging Face datasets -----------------------------------------------------------------------------
+
+
+def _hub_documents(
+    path: str, text_field: str, *, split: str, name: str | None, streaming: bool
+) -> Iterator[str]:
+    if not _DATASET_ID.fullmatch(path) or _reader_for(Path(path)) is not None:
+        raise UserError(f"{path}: no such file or folder; check the path in the recipe")
+    # Imported here: `datasets` takes a second to import and local corpora never need it.
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(path, name, split=split, streaming=streaming)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path}: no such file or folder, and loading it as a Hugging Face dataset failed ({reason}); "
+            "check the path, or the dataset id, its name/split and your connection"
+        ) from None
+    return _dataset_texts(dataset, path, text_field)
+
+
+def _dataset_texts(dataset: Iterable[Any], path: str, text_field: str) -> Iterator[str]:
+    for record_no, record in enumerate(dataset, 1):
+        text = _record_text(record, text_field, f"{path}, record {record_no}")
+        if text:
+            yield text
