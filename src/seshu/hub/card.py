@@ -1,0 +1,41 @@
+"""Model cards: README.md with YAML front matter recording what made an artifact (recipe, inputs, metrics)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from seshu.io import sha256_file
+
+
+def describe_inputs(paths: list[str]) -> list[dict[str, str]]:
+    """Each local input file with its sha256 (folders file by file); anything else is recorded as a Hub id."""
+    described: list[dict[str, str]] = []
+    for ref in paths:
+        local = Path(ref)
+        if local.is_file():
+            described.append({"path": str(local), "sha256": sha256_file(local)})
+        elif local.is_dir():
+            for file in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                described.append({"path": str(file), "sha256": sha256_file(file)})
+        else:
+            described.append({"hub_id": ref})
+    return described
+
+
+def render_card(title: str, metadata: dict[str, Any], body: str) -> str:
+    """A model card: YAML front matter (Hub metadata plus a `seshu` block) followed by markdown."""
+    front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+    return f"---\n{front}---\n\n# {title}\n\n{body.strip()}\n"
+
+
+def read_card_metadata(path: Path) -> dict[str, Any]:
+    """The YAML front matter of a model card (empty when it has none)."""
+    text = path.read_text(encoding="utf-8")
+    if not text.startswith("---\n"):
+        return {}
+    front, _, _ = text[4:].partition("\n---\n")
+    loaded = yaml.safe_load(front)
+    return loaded if isinstance(loaded, dict) else {}
