@@ -1,0 +1,85 @@
+"""`seshu eval perplexity|plot`: argument parsing over `seshu.evaluate`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Evaluate models and plot training runs.", no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def perplexity(
+    model: str = typer.Option(..., "--model", help="Model folder or Hub id."),
+    data: list[str] = typer.Option(..., "--data", help="Corpus file, folder or dataset id (repeatable)."),
+    text_field: str = typer.Option("text", "--text-field", help="Text field of JSON/CSV/Parquet records."),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Tokens per window; default the model's context (1024 if it has none)."
+    ),
+    stride: int | None = typer.Option(
+        None, "--stride", help="Tokens a window moves on; smaller means more context per token. Default half."
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Windows per forward pass."),
+    max_docs: int | None = typer.Option(None, "--max-docs", help="Evaluate the first N documents only."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default the best there is."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16; default as saved. Losses are summed in float32."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only, for scripts."),
+) -> None:
+    """Perplexity and bits per byte (comparable across tokenizers), overall and per script."""
+    from seshu.cli.common import quiet_libraries
+    from seshu.evaluate.perplexity import perplexity_from_paths
+
+    quiet_libraries()  # stdout holds only the table or the JSON
+
+    report = perplexity_from_paths(
+        model,
+        data,
+        text_field=text_field,
+        max_length=max_length,
+        stride=stride,
+        batch_size=batch_size,
+        max_docs=max_docs,
+        device=device,
+        dtype=dtype,
+        progress=not as_json,
+    )
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+        return
+    table = Table(title=model)
+    for column in ("script", "documents", "tokens", "perplexity", "bits/byte"):
+        table.add_column(column, justify="left" if column == "script" else "right")
+    table.add_row(*_cells("all", report), end_section=True)
+    for script, row in report["by_script"].items():
+        table.add_row(*_cells(script, row))
+    Console().print(table)
+
+
+@app.command()
+def plot(
+    run_dir: Path = typer.Argument(..., help="Output folder of a training run (holds train_log.jsonl)."),
+    out: Path | None = typer.Option(None, "--out", help="Image to write; default RUN_DIR/training.png."),
+) -> None:
+    """Plot training loss and validation perplexity against steps."""
+    from seshu.evaluate.plot import plot_run
+
+    typer.echo(f"wrote {plot_run(run_dir, out)}")
+
+
+def _cells(name: str, row: dict[str, Any]) -> list[str]:
+    ppl = row["perplexity"]
+    return [
+        name,
+        f"{row['documents']:,}",
+        f"{row['tokens']:,}",
+        f"{ppl:,.3f}" if math.isfinite(ppl) and ppl < 1e6 else f"{ppl:.3g}",
+        f"{row['bits_per_byte']:.4f}",
+    ]
