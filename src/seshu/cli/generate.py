@@ -1,0 +1,90 @@
+"""`seshu generate` and `seshu chat`: argument parsing over `seshu.generate`.
+
+Text goes to stdout as plain text (no rich markup), flushed piece by piece, so it streams in a terminal and
+pipes cleanly; notices go to stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import typer
+
+# Options shared by both commands. The defaults repeat `SamplingOptions`' own (a test checks they agree):
+# importing seshu.generate here would pull torch into `seshu --help`.
+_MODEL = typer.Option(..., "--model", help="Model folder or Hub id.")
+_ADAPTER = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder applied on top of the model.")
+_DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:1, mps; default the best there is.")
+_MAX_NEW_TOKENS = typer.Option(128, "--max-new-tokens", help="Stop after this many new tokens.")
+_TEMPERATURE = typer.Option(0.8, "--temperature", help="Sampling temperature; 0 is greedy (deterministic).")
+_TOP_P = typer.Option(0.95, "--top-p", help="Sample from the likeliest tokens holding this much mass; 1 is off.")
+_TOP_K = typer.Option(50, "--top-k", help="Sample from the k likeliest tokens; 0 is off.")
+_REPETITION_PENALTY = typer.Option(1.1, "--repetition-penalty", help="Above 1 discourages repeating tokens; 1 is off.")
+_SEED = typer.Option(0, "--seed", help="Same seed, same text.")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the top-level `generate` and `chat` commands to `app`."""
+    app.command("generate")(generate_command)
+    app.command("chat")(chat_command)
+
+
+def _echo(text: str) -> None:
+    typer.echo(text, nl=False)  # click.echo flushes, so each piece shows up as it is made
+
+
+def generate_command(
+    model: str = _MODEL,
+    prompt: str = typer.Option(..., "--prompt", help="Text to continue; '-' reads it from stdin."),
+    adapter: str | None = _ADAPTER,
+    max_new_tokens: int = _MAX_NEW_TOKENS,
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    repetition_penalty: float = _REPETITION_PENALTY,
+    seed: int = _SEED,
+    device: str | None = _DEVICE,
+) -> None:
+    """Continue a prompt, streaming the text as it is made."""
+    from seshu.cli.common import quiet_libraries
+    from seshu.generate import SamplingOptions, generate_text, load_for_generation
+
+    quiet_libraries()  # stdout holds only the generated text
+    options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    text = sys.stdin.read() if prompt == "-" else prompt
+    lm, tokenizer = load_for_generation(model, adapter, device)
+    generate_text(lm, tokenizer, text, options, _echo)
+    typer.echo()
+
+
+def _read_line() -> str | None:
+    try:
+        return input("> ")
+    except EOFError:
+        return None
+
+
+def chat_command(
+    model: str = _MODEL,
+    adapter: str | None = _ADAPTER,
+    system: str | None = typer.Option(None, "--system", help="System message that starts the conversation."),
+    max_new_tokens: int = _MAX_NEW_TOKENS,
+    temperature: float = _TEMPERATURE,
+    top_p: float = _TOP_P,
+    top_k: int = _TOP_K,
+    repetition_penalty: float = _REPETITION_PENALTY,
+    seed: int = _SEED,
+    device: str | None = _DEVICE,
+) -> None:
+    """Chat with a model through its tokenizer's chat template (/reset clears, /exit or Ctrl-D quits)."""
+    from seshu.cli.common import quiet_libraries
+    from seshu.generate import SamplingOptions, chat_loop, load_for_generation
+
+    quiet_libraries()
+    options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
+    lm, tokenizer = load_for_generation(model, adapter, device)
+    typer.echo(f"chatting with {model}; /reset clears the conversation, /exit or Ctrl-D quits", err=True)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the chat like Ctrl-D, without a traceback
+        chat_loop(lm, tokenizer, options, _read_line, _echo, system=system)
+    typer.echo()
