@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +40,6 @@ HINDI = [
 ]
 CONTEXT = 128  # the tiny models' context: every test document fits, and windows are set smaller
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # The models here are ~100k parameters: a second intra-op thread gains nothing, and on a loaded machine
-    # its spin-waits made each forward pass ~100x slower (12 s instead of 0.1 s for one evaluation).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -50,15 +50,6 @@ SAMPLED = SamplingOptions(max_new_tokens=NEW_TOKENS, seed=0)
 GREEDY = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0, repetition_penalty=1.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models are all thread overhead: on a busy 2-core machine one thread generates 20-40x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~300-token byte-level BPE tokenizer with ChatML tokens but no chat template of its own."""

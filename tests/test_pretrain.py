@@ -148,3 +148,18 @@ def test_empty_corpus_and_mismatched_tokenizer(
     with pytest.raises(UserError, match="the tokenizer has 400 tokens but the model's vocabulary has 300"):
         pretrain.run(mismatched)
     assert not (tmp_path / "b").exists()
+
+
+def test_missing_optional_packages_are_named_up_front(
+    tmp_path: Path, corpus_files: list[str], tiny_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real_find_spec(name, *a)
+    )
+    recipe = make_recipe(tmp_path / "run", corpus_files, tiny_tokenizer_dir, track={"report_to": "mlflow"})
+    with pytest.raises(UserError, match=r"track.report_to: mlflow is not installed \(pip install 'seshu\[track\]'\)"):
+        pretrain.run(recipe)
+    assert not (tmp_path / "run").exists()

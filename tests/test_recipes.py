@@ -24,6 +24,8 @@ def test_real_scale_recipes_validate_and_document_their_command(path: Path) -> N
 def test_tiny_variants_train_and_lower_the_loss(name: str, tmp_path: Path) -> None:
     recipe = load_recipe(PretrainRecipe, RECIPES / "tiny" / name, [f"output_dir={tmp_path / 'run'}"])
     real = load_recipe(PretrainRecipe, RECIPES / name)
+    if recipe.track.report_to != "none":
+        pytest.importorskip(recipe.track.report_to)  # the `track` extra (part of `dev`)
     assert recipe.model.arch == real.model.arch
     result = pretrain.run(recipe)
     log = [json.loads(line) for line in (result.output_dir / "train_log.jsonl").read_text().splitlines()]

@@ -7,6 +7,7 @@ checkpoints resume exactly); Seshu adds the recipe, the data pipeline, progress,
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 from collections.abc import Iterator
@@ -77,14 +78,20 @@ def _check_output_dir(out: Path, resume: bool) -> None:
         raise UserError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
 
 
-def _check_precision(recipe: PretrainRecipe) -> None:
+def _check_environment(recipe: PretrainRecipe) -> None:
+    """What the recipe asks of this machine and its packages, checked before any work starts."""
     if recipe.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
-    if recipe.train.optimizer == "adamw_8bit":
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise UserError("train.optimizer: adamw_8bit needs bitsandbytes (pip install bitsandbytes)") from None
+    needs = {
+        "bitsandbytes": recipe.train.optimizer == "adamw_8bit",
+        "mlflow": recipe.track.report_to == "mlflow",
+        "tensorboard": recipe.track.report_to == "tensorboard",
+    }
+    for package, needed in needs.items():
+        if needed and importlib.util.find_spec(package) is None:
+            key = "train.optimizer" if package == "bitsandbytes" else "track.report_to"
+            hint = package if package == "bitsandbytes" else "'seshu[track]'"
+            raise UserError(f"{key}: {package} is not installed (pip install {hint})")
 
 
 def _prepare_tokenizer(recipe: PretrainRecipe, out: Path) -> tuple[PreTrainedTokenizerBase, bool]:
@@ -242,7 +249,7 @@ def run(
     """
     out = Path(recipe.output_dir)
     _check_output_dir(out, resume)
-    _check_precision(recipe)
+    _check_environment(recipe)
     if not recipe.model.init_from:
         get_preset_arch(recipe.model.arch, recipe.model.preset)  # before minutes of tokenizer training
     tokenizer, trained_tokenizer = _prepare_tokenizer(recipe, out)
