@@ -93,3 +93,12 @@ def test_apply_overrides_does_not_mutate_its_input() -> None:
     raw = {"train": {"lr": 1.0}}
     apply_overrides(raw, ["train.lr=2"])
     assert raw == {"train": {"lr": 1.0}}
+
+
+def test_an_override_replaces_a_mapping_instead_of_merging_into_it(tmp_path: Path) -> None:
+    path = write(tmp_path / "r.yaml", "model: {overrides: {hidden_size: 32}}\ndata: {train: a.txt}\n")
+    assert load_recipe(PretrainRecipe, path, ["model.overrides={}"]).model.overrides == {}
+    assert load_recipe(PretrainRecipe, path, ["model.overrides.num_hidden_layers=1"]).model.overrides == {
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+    }

@@ -177,7 +177,11 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` strings; values are parsed as YAML, so `3e-4`, `true` and `[a, b]` work."""
+    """Apply `key.sub=value` strings; values are parsed as YAML, so `3e-4`, `true` and `[a, b]` work.
+
+    The value replaces what the key held (`--set model.overrides={}` clears the overrides); the mappings on
+    the way to it are copied, never modified in place.
+    """
     result = dict(raw)
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
@@ -187,10 +191,13 @@ def apply_overrides(raw: dict[str, Any], assignments: list[str]) -> dict[str, An
             value = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             value = text
-        patch: Any = value
-        for part in reversed(key.strip().split(".")):
-            patch = {part: patch}
-        result = deep_merge(result, patch)
+        *parents, leaf = key.strip().split(".")
+        node = result
+        for part in parents:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[leaf] = value
     return result
 
 
