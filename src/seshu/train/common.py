@@ -1,0 +1,165 @@
+"""What pretraining and fine-tuning share: run-folder checks, Trainer arguments, tracking, publishing."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from seshu.config import TrackSection, TrainSection
+from seshu.errors import UserError
+from seshu.io import publish_files
+from seshu.models.loading import default_device
+from seshu.train.callbacks import ProgressCallback, RunLogCallback, perplexity
+
+CHECKPOINTS = "checkpoints"
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse to train over a finished or interrupted run unless asked to resume it."""
+    if resume or not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: output path exists and is not a folder")
+    if (out / CHECKPOINTS).exists() or (out / "config.json").exists() or (out / "adapter_config.json").exists():
+        raise UserError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+
+
+def check_environment(train: TrainSection, track: TrackSection) -> None:
+    """What the recipe asks of this machine and its packages, checked before any work starts."""
+    if train.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision: fp16 needs a CUDA GPU; use bf16 or fp32 on this machine")
+    needs = {
+        "bitsandbytes": train.optimizer == "adamw_8bit",
+        "mlflow": track.report_to == "mlflow",
+        "tensorboard": track.report_to == "tensorboard",
+    }
+    for package, needed in needs.items():
+        if needed and importlib.util.find_spec(package) is None:
+            key = "train.optimizer" if package == "bitsandbytes" else "track.report_to"
+            hint = package if package == "bitsandbytes" else "'seshu[track]'"
+            raise UserError(f"{key}: {package} is not installed (pip install {hint})")
+
+
+def tokens_per_step(train: TrainSection) -> int:
+    """Tokens one optimizer step sees across all processes (at most, for padded fine-tuning batches)."""
+    return train.batch_size * train.grad_accum * train.seq_len * int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def training_arguments(train: TrainSection, track: TrackSection, out: Path, has_eval: bool) -> dict[str, Any]:
+    """Keyword arguments of `TrainingArguments` (or trl's `SFTConfig`) for the recipe's `train` and `track`."""
+    return dict(
+        output_dir=str(out / CHECKPOINTS),
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum,
+        learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        # A CPU runs bf16 autocast too; Trainer only allows it once told it is on the CPU.
+        use_cpu=default_device() == "cpu",
+        bf16=train.precision == "bf16",
+        fp16=train.precision == "fp16",
+        gradient_checkpointing=train.gradient_checkpointing,
+        optim=train.optimizer,
+        torch_compile=train.compile,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_every,
+        save_strategy="steps",
+        save_steps=train.save_every,
+        save_total_limit=train.save_total_limit,
+        logging_steps=train.log_every,
+        report_to=[] if track.report_to == "none" else [track.report_to],
+        run_name=out.name,
+        seed=train.seed,
+        data_seed=train.seed,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def run_callbacks(out: Path, train: TrainSection, extra: list[TrainerCallback] | None) -> list[TrainerCallback]:
+    """The run log and progress line, then any callbacks the caller adds."""
+    per_step = tokens_per_step(train)
+    return [RunLogCallback(out, per_step), ProgressCallback(per_step), *(extra or [])]
+
+
+@contextlib.contextmanager
+def tracking_env(track: TrackSection, out: Path) -> Iterator[None]:
+    """Point mlflow at a local SQLite store in the run folder unless the user chose one; restore env after.
+
+    (mlflow 3 refuses its old plain-folder store; a single SQLite file is the local store it supports.)
+    """
+    wanted: dict[str, str] = {}
+    if track.report_to == "mlflow":
+        uri = (
+            track.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        )
+        wanted = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": track.experiment}
+    elif track.report_to == "tensorboard":
+        wanted = {"TENSORBOARD_LOGGING_DIR": str(out / "tensorboard")}
+    saved = {key: os.environ.get(key) for key in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def train_resumably(trainer: Trainer, out: Path, resume: bool) -> None:
+    """Train from the last checkpoint when resuming (from scratch when there is none yet)."""
+    trainer.remove_callback(PrinterCallback)
+    checkpoint = get_last_checkpoint(str(out / CHECKPOINTS)) if resume and (out / CHECKPOINTS).is_dir() else None
+    if resume:
+        print(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting afresh", flush=True)
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+
+def final_metrics(trainer: Trainer, has_eval: bool) -> dict[str, float]:
+    """Validation loss and perplexity at the last step (evaluating again only if the run did not end on an eval)."""
+    if not has_eval:
+        return {}
+    last = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+    loss = float(last[-1]["eval_loss"] if last else trainer.evaluate()["eval_loss"])
+    return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+
+
+def publish(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, card: str, out: Path) -> None:
+    """Write the trained model (or adapter), its tokenizer and card into `out`, each file by atomic rename,
+    and plot the run."""
+    if not trainer.is_world_process_zero():
+        return
+    staging = out / ".final.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    # Trainer also pickles its arguments next to the weights; the published artifact is safetensors only.
+    (staging / "training_args.bin").unlink(missing_ok=True)
+    tokenizer.save_pretrained(str(staging))
+    (staging / "README.md").write_text(card, encoding="utf-8")
+    publish_files(staging, out)
+    from seshu.evaluate.plot import plot_run
+
+    plot_run(out)
+
+
+def remove_if_created(out: Path, created: bool) -> None:
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
