@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from seshu.config import SourceEntry
-from seshu.data.sources import corpus_files, read_documents, source_documents
+from seshu.data.sources import SourceRecord, corpus_files, read_documents, read_records, source_documents
 from seshu.errors import UserError
 
 
@@ -28,9 +28,7 @@ def test_txt_is_one_document_per_non_empty_line(tmp_path: Path) -> None:
 
 
 def test_jsonl_reads_the_configured_field_and_skips_empty_values(tmp_path: Path) -> None:
-    path = write_jsonl(
-        tmp_path / "a.jsonl", [{"body": "one", "id": 1}, {"body": ""}, {"body": None}, {"body": "two"}]
-    )
+    path = write_jsonl(tmp_path / "a.jsonl", [{"body": "one", "id": 1}, {"body": ""}, {"body": None}, {"body": "two"}])
     path.write_text(path.read_text() + "\n\n", encoding="utf-8")  # trailing blank lines are fine
     assert list(read_documents(str(path), "body")) == ["one", "two"]
 
@@ -201,7 +199,36 @@ def test_dataset_id_that_cannot_be_loaded_is_a_user_error(monkeypatch, error: Ex
     with pytest.raises(UserError) as info:
         read_documents("someone/corpus")
     message = str(info.value)
-    assert message.startswith(
-        "someone/corpus: no such file or folder, and loading it as a Hugging Face dataset"
-    )
+    assert message.startswith("someone/corpus: no such file or folder, and loading it as a Hugging Face dataset")
     assert str(error).splitlines()[0] in message
+
+
+def test_read_records_yields_whole_records_named_by_file_and_record(tmp_path: Path) -> None:
+    lines = write_jsonl(tmp_path / "a.jsonl", [{"q": "x", "n": [1, 2]}])
+    lines.write_text("\n" + lines.read_text() + "[1]\n", encoding="utf-8")
+    listed = tmp_path / "b.json"
+    listed.write_text(json.dumps([{"q": "y"}]), encoding="utf-8")
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.Table.from_pylist([{"messages": [{"role": "user", "content": "hi"}]}]), parquet)
+    (tmp_path / "notes.txt").write_text("flat text is not records\n", encoding="utf-8")
+    assert list(read_records(str(tmp_path))) == [
+        SourceRecord(str(lines), f"{lines}, record 1 (line 2)", {"q": "x", "n": [1, 2]}),
+        SourceRecord(str(lines), f"{lines}, record 2 (line 3)", [1]),  # checking the value is the caller's job
+        SourceRecord(str(listed), f"{listed}, record 1", {"q": "y"}),
+        SourceRecord(str(parquet), f"{parquet}, record 1", {"messages": [{"role": "user", "content": "hi"}]}),
+    ]
+
+
+def test_read_records_refuses_flat_text_and_empty_input(tmp_path: Path, monkeypatch) -> None:
+    text = tmp_path / "a.txt"
+    text.write_text("x\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"a\.txt: unsupported file type '\.txt'; use \.jsonl, \.json, \.parquet"):
+        read_records(str(text))
+    with pytest.raises(UserError, match=r"has no records: the folder holds no \.jsonl, \.json, \.parquet file"):
+        read_records(str(tmp_path))
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match=r"e\.jsonl has no records"):
+        list(read_records(str(empty)))
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list([{"q": "z"}]))
+    assert list(read_records("someone/data")) == [SourceRecord("someone/data", "someone/data, record 1", {"q": "z"})]

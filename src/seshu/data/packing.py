@@ -55,9 +55,7 @@ def pack_documents(
     return pack_token_ids(_token_lists(docs, tokenizer, batch_docs), seq_len, eos_id, bos_id)
 
 
-def _token_lists(
-    docs: Iterable[str], tokenizer: PreTrainedTokenizerBase, batch_docs: int
-) -> Iterator[list[int]]:
+def _token_lists(docs: Iterable[str], tokenizer: PreTrainedTokenizerBase, batch_docs: int) -> Iterator[list[int]]:
     iterator = iter(docs)
     while batch := list(islice(iterator, batch_docs)):
         # verbose=False: documents longer than model_max_length are expected here, packing cuts them.

@@ -11,7 +11,8 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +68,72 @@ def corpus_files(path: str) -> list[Path] | None:
     return _corpus_files(local) if local.exists() else None
 
 
-def _corpus_files(local: Path) -> list[Path]:
+@dataclass(frozen=True)
+class SourceRecord:
+    """One record as read, before any of its fields is looked at (that is the caller's job, so that a caller
+    which skips bad records can skip this one too)."""
+
+    source: str  # the file, or the dataset id, it came from: records of one source share a layout
+    where: str  # how errors name it: "FILE, record N (line L)", the style of every error in this module
+    value: Any  # the parsed JSON value or table row; normally a dict
+
+
+# Structured records live in these; .txt and .csv hold flat text, not records with nested fields.
+RECORD_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
+
+
+def read_records(
+    path: str, *, split: str = "train", name: str | None = None, streaming: bool = True
+) -> Iterator[SourceRecord]:
+    """The records of a `.jsonl`/`.json`/`.parquet` file, of a folder (those files inside, recursively, in
+    sorted order) or, when no such local path exists, of a Hugging Face dataset id, for readers that need
+    whole records rather than one text field (instruction data).
+
+    As in `read_documents`, the path is checked at call time and the records are read lazily, one line,
+    record or Parquet batch at a time; malformed JSON, bad UTF-8 or a path without records is a `UserError`.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        records = _files_records(_corpus_files(local, RECORD_SUFFIXES, "records"))
+    else:
+        dataset = _load_hub_dataset(path, split=split, name=name, streaming=streaming)
+        records = (SourceRecord(path, f"{path}, record {n}", row) for n, row in enumerate(dataset, 1))
+    return _require_records(records, path)
+
+
+def _files_records(files: list[Path]) -> Iterator[SourceRecord]:
+    readers = {".jsonl": _jsonl_records, ".json": _json_records, ".parquet": _parquet_records}
+    for file in files:
+        for where, value in readers[file.suffix.lower()](file):
+            yield SourceRecord(str(file), where, value)
+
+
+def _require_records(records: Iterator[SourceRecord], path: str) -> Iterator[SourceRecord]:
+    empty = True
+    for record in records:
+        empty = False
+        yield record
+    if empty:
+        raise UserError(f"{path} has no records: it is empty; point at a file or dataset that holds some")
+
+
+def _corpus_files(local: Path, suffixes: Collection[str] | None = None, what: str = "text") -> list[Path]:
+    """The supported files at `local` (a file or a folder); `suffixes` narrows what counts as supported."""
+    allowed = tuple(_READERS) if suffixes is None else tuple(suffixes)
+    supported = ", ".join(allowed)
     if local.is_file():
-        if _reader_for(local) is None:
-            raise UserError(f"{local}: unsupported file type '{local.suffix}'; use {_supported()}")
+        if local.suffix.lower() not in allowed:
+            raise UserError(f"{local}: unsupported file type '{local.suffix}'; use {supported}")
         return [local]
     files = sorted(
         p
         for p in local.rglob("*")
         if p.is_file()
-        and _reader_for(p) is not None
+        and p.suffix.lower() in allowed
         and not any(part.startswith(".") for part in p.relative_to(local).parts)
     )
     if not files:
-        raise UserError(f"{local} has no text: the folder holds no {_supported()} file")
+        raise UserError(f"{local} has no {what}: the folder holds no {supported} file")
     return files
 
 
@@ -113,28 +166,27 @@ def _read_txt(file: Path, text_field: str) -> Iterator[str]:
 
 
 def _read_jsonl(file: Path, text_field: str) -> Iterator[str]:
-    record_no = 0
-    for line_no, line in enumerate(_lines(file), 1):
-        if not line.strip():
-            continue
-        record_no += 1
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(
-                f"{file}, line {line_no}: malformed JSON ({exc.msg}); fix or remove that line"
-            ) from None
-        text = _record_text(record, text_field, f"{file}, record {record_no} (line {line_no})")
+    yield from _texts(_jsonl_records(file), text_field)
+
+
+def _read_json(file: Path, text_field: str) -> Iterator[str]:
+    yield from _texts(_json_records(file), text_field)
+
+
+def _texts(records: Iterator[tuple[str, Any]], text_field: str) -> Iterator[str]:
+    for where, record in records:
+        text = _record_text(record, text_field, where)
         if text:
             yield text
 
 
-def _read_json(file: Path, text_field: str) -> Iterator[str]:
-    """A `.json` file is either one JSON list of records or JSON Lines; the first character tells which."""
+def _json_records(file: Path) -> Iterator[tuple[str, Any]]:
+    """(where, value) for each record of a JSON Lines file, or of a `.json` file holding one JSON list
+    (the first character tells which, whatever the suffix)."""
     with open(file, "rb") as handle:
         head = handle.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     if not head.startswith(b"["):
-        yield from _read_jsonl(file, text_field)
+        yield from _jsonl_records(file)
         return
     try:
         records = json.loads(file.read_text(encoding="utf-8-sig"))
@@ -145,16 +197,41 @@ def _read_json(file: Path, text_field: str) -> Iterator[str]:
     except UnicodeDecodeError:
         raise UserError(f"{file}: not valid UTF-8 text; convert it to UTF-8") from None
     for record_no, record in enumerate(records, 1):
-        text = _record_text(record, text_field, f"{file}, record {record_no}")
-        if text:
-            yield text
+        yield f"{file}, record {record_no}", record
+
+
+def _jsonl_records(file: Path) -> Iterator[tuple[str, Any]]:
+    record_no = 0
+    for line_no, line in enumerate(_lines(file), 1):
+        if not line.strip():
+            continue
+        record_no += 1
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file}, line {line_no}: malformed JSON ({exc.msg}); fix or remove that line") from None
+        yield f"{file}, record {record_no} (line {line_no})", record
+
+
+def _parquet_file(file: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(file)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"{file}: not a readable Parquet file ({exc}); re-export it") from None
+
+
+def _parquet_records(file: Path) -> Iterator[tuple[str, Any]]:
+    """(where, row as a dict) for each row; nested columns (lists of message structs) come back as Python
+    lists of dicts, just as the same records read from JSON."""
+    record_no = 0
+    for batch in _parquet_file(file).iter_batches(batch_size=_BATCH_ROWS):
+        for row in batch.to_pylist():
+            record_no += 1
+            yield f"{file}, record {record_no}", row
 
 
 def _read_parquet(file: Path, text_field: str) -> Iterator[str]:
-    try:
-        parquet = pq.ParquetFile(file)
-    except (pa.ArrowException, OSError) as exc:
-        raise UserError(f"{file}: not a readable Parquet file ({exc}); re-export it") from None
+    parquet = _parquet_file(file)
     _require_column(file, text_field, parquet.schema_arrow.names)
     for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[text_field]):
         yield from _column_texts(file, text_field, batch.column(0).to_pylist())
@@ -171,9 +248,7 @@ def _read_csv(file: Path, text_field: str) -> Iterator[str]:
             file,
             read_options=pa_csv.ReadOptions(block_size=_CSV_BLOCK_BYTES),
             parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-            convert_options=pa_csv.ConvertOptions(
-                include_columns=[text_field], column_types={text_field: pa.string()}
-            ),
+            convert_options=pa_csv.ConvertOptions(include_columns=[text_field], column_types={text_field: pa.string()}),
         )
         for batch in reader:
             yield from _column_texts(file, text_field, batch.column(0).to_pylist())
@@ -194,10 +269,6 @@ def _reader_for(file: Path) -> Callable[[Path, str], Iterator[str]] | None:
     return _READERS.get(file.suffix.lower())
 
 
-def _supported() -> str:
-    return ", ".join(_READERS)
-
-
 def _lines(file: Path) -> Iterator[str]:
     """The lines of a UTF-8 file (a leading byte-order mark removed). Lines are decoded one by one, so a
     bad byte is reported on its own line rather than somewhere in an 8 KB read buffer."""
@@ -206,9 +277,7 @@ def _lines(file: Path) -> Iterator[str]:
             try:
                 yield raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError:
-                raise UserError(
-                    f"{file}, line {line_no}: not valid UTF-8; convert the file to UTF-8"
-                ) from None
+                raise UserError(f"{file}, line {line_no}: not valid UTF-8; convert the file to UTF-8") from None
 
 
 def _record_text(record: Any, text_field: str, where: str) -> str | None:
@@ -251,9 +320,12 @@ def _kind(value: Any) -> str:
 # --- Hugging Face datasets -----------------------------------------------------------------------------
 
 
-def _hub_documents(
-    path: str, text_field: str, *, split: str, name: str | None, streaming: bool
-) -> Iterator[str]:
+def _hub_documents(path: str, text_field: str, *, split: str, name: str | None, streaming: bool) -> Iterator[str]:
+    dataset = _load_hub_dataset(path, split=split, name=name, streaming=streaming)
+    return _dataset_texts(dataset, path, text_field)
+
+
+def _load_hub_dataset(path: str, *, split: str, name: str | None, streaming: bool) -> Iterable[Any]:
     if not _DATASET_ID.fullmatch(path) or _reader_for(Path(path)) is not None:
         raise UserError(f"{path}: no such file or folder; check the path in the recipe")
     # Imported here: `datasets` takes a second to import and local corpora never need it.
@@ -267,7 +339,7 @@ def _hub_documents(
             f"{path}: no such file or folder, and loading it as a Hugging Face dataset failed ({reason}); "
             "check the path, or the dataset id, its name/split and your connection"
         ) from None
-    return _dataset_texts(dataset, path, text_field)
+    return dataset
 
 
 def _dataset_texts(dataset: Iterable[Any], path: str, text_field: str) -> Iterator[str]:
