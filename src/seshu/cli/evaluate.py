@@ -1,4 +1,4 @@
-"""`seshu eval perplexity|plot`: argument parsing over `seshu.evaluate`."""
+"""`seshu eval perplexity|generate|plot`: argument parsing over `seshu.evaluate`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,76 @@ def perplexity(
     for script, row in report["by_script"].items():
         table.add_row(*_cells(script, row))
     Console().print(table)
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="Model folder or Hub id."),
+    task: str = typer.Option(..., "--task", help="translation, qa or instruct."),
+    data: str | None = typer.Option(None, "--data", help="Records: .jsonl/.json/.parquet file, folder or dataset id."),
+    src_file: str | None = typer.Option(None, "--src-file", help="Translation: source sentences, one per line."),
+    tgt_file: str | None = typer.Option(None, "--tgt-file", help="Translation: their references, line-aligned."),
+    adapter: str | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder applied on top of the model."),
+    prompt_template: str | None = typer.Option(
+        None,
+        "--prompt-template",
+        help="Prompt with {source}, {target_lang}, {source_lang} (translation) or {question}, {context} (qa).",
+    ),
+    target_lang: str | None = typer.Option(None, "--target-lang", help="Fills {target_lang}, e.g. Hindi."),
+    source_lang: str | None = typer.Option(None, "--source-lang", help="Fills {source_lang}."),
+    chat: bool | None = typer.Option(
+        None, "--chat/--no-chat", help="Wrap prompts in the chat template; default: when the tokenizer has one."
+    ),
+    first_line: bool | None = typer.Option(
+        None, "--first-line/--full-answer", help="Keep only the answer's first line; default on for translation, qa."
+    ),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest answer, in tokens."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Prompts generated together."),
+    max_records: int | None = typer.Option(None, "--max-records", help="Evaluate the first N records only."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default the best there is."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write each record's prompt, prediction and reference (JSONL)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON only, for scripts."),
+) -> None:
+    """Generate an answer for every record (greedy) and score them: chrF/BLEU, exact match/F1, or perplexity."""
+    from seshu.cli.common import quiet_libraries
+    from seshu.evaluate.generation_eval import generation_eval_from_paths
+
+    quiet_libraries()
+    result = generation_eval_from_paths(
+        model,
+        task,
+        data=data,
+        src_file=src_file,
+        tgt_file=tgt_file,
+        adapter=adapter,
+        prompt_template=prompt_template,
+        target_lang=target_lang,
+        source_lang=source_lang,
+        chat=chat,
+        first_line=first_line,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        max_records=max_records,
+        device=device,
+        out=out,
+        progress=not as_json,
+    )
+    if result.truncated:
+        typer.echo(f"warning: {result.truncated} prompts were cut from the left to fit the model's context", err=True)
+    report = result.report()
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+        return
+    table = Table(title=f"{task}, {report['records']:,} records")
+    table.add_column("score")
+    table.add_column("value", justify="right")
+    for name, value in report["scores"].items():
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else f"{value:.2f}")
+    Console().print(table)
+    if out is not None:
+        typer.echo(f"wrote {out}")
 
 
 @app.command()

@@ -1,0 +1,406 @@
+"""`seshu eval generate`: generate an answer for every record of a task, batched and greedy, and score it.
+
+Prompts are the task's plain template, wrapped in the tokenizer's chat template when it has one (a model
+fine-tuned on chats expects its turns; `chat=False` keeps the plain text for a base model). Generation is
+greedy, so the scores are reproducible, and runs in left-padded batches sorted by prompt length, so that
+little compute goes to padding; each sequence stops at eos or the template's end-of-turn token, and one-line
+tasks (translation, QA) stop a sequence at its first line break. The instruct task also scores the reference
+answers by teacher forcing: answer-only perplexity, exp(mean NLL over the assistant tokens), with the same
+mask SFT trains on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+
+from seshu.errors import UserError
+from seshu.evaluate.perplexity import NLLTotals, model_context_length
+from seshu.evaluate.tasks import Task, TaskRecord, check_template, get_task, read_line_pairs, render_prompt
+from seshu.generate import SamplingOptions, chat_prompt, encode_prompt, end_of_turn_ids
+from seshu.io import write_text_atomic
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+@dataclass
+class GenerationEvalResult:
+    task: str
+    scores: dict[str, float]
+    prompts: list[str]
+    predictions: list[str]
+    records: list[TaskRecord]
+    truncated: int = 0  # prompts cut from the left to leave room for the answer in the model's context
+
+    def report(self) -> dict[str, Any]:
+        return {"task": self.task, "records": len(self.records), "scores": self.scores}
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        """One {"prompt", "prediction", "reference" | "references"} per record (QA keeps every gold answer)."""
+        for prompt, prediction, record in zip(self.prompts, self.predictions, self.records, strict=True):
+            refs: dict[str, Any] = (
+                {"references": record.references} if self.task == "qa" else {"reference": record.references[0]}
+            )
+            yield {"prompt": prompt, "prediction": prediction, **refs}
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def use_chat(tokenizer: PreTrainedTokenizerBase, task: Task, chat: bool | None) -> bool:
+    """Whether prompts go through the chat template: as asked, else when the tokenizer has one (instruct always).
+
+    A tokenizer without a template gets Seshu's ChatML one only if it already knows the ChatML tokens: new
+    tokens would have no embeddings in the model being evaluated.
+    """
+    if task.answer_perplexity and chat is False:
+        raise UserError("the instruct task renders conversations, so it needs the chat template; drop --no-chat")
+    wanted = bool(tokenizer.chat_template) if chat is None else chat
+    if not (wanted or task.answer_perplexity):
+        return False
+    if not tokenizer.chat_template:
+        from seshu.data.instructions import ensure_chat_template
+
+        if ensure_chat_template(tokenizer):  # True when it had to add tokens
+            raise UserError(
+                "the tokenizer has no chat template and no ChatML tokens, so the model cannot read chat prompts; "
+                "evaluate a model fine-tuned with a chat template"
+                + ("" if task.answer_perplexity else ", or --no-chat")
+            )
+    return True
+
+
+def build_prompts(
+    task: Task,
+    records: list[TaskRecord],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    template: str | None = None,
+    values: dict[str, str] | None = None,
+    chat: bool = False,
+) -> list[str]:
+    """The prompt text of each record: a conversation up to its last answer, or the filled template (as the
+    one user turn of a chat when `chat`)."""
+    prompts = []
+    for record in records:
+        if record.messages is not None:
+            prompts.append(chat_prompt(tokenizer, record.messages[:-1]))
+            continue
+        text = render_prompt(task, record, template, values or {})
+        prompts.append(chat_prompt(tokenizer, [{"role": "user", "content": text.strip()}]) if chat else text)
+    return prompts
+
+
+# --------------------------------------------------------------------------------------------------
+# Batched greedy generation
+
+
+class _FirstLineDone(StoppingCriteria):
+    """Stops each sequence once its answer has a line break after some text (leading blank lines are allowed:
+    a chat model may start its answer on a new line)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        done = [
+            "\n" in str(self.tokenizer.decode(row[self.prompt_length :], skip_special_tokens=True)).lstrip()
+            for row in input_ids.tolist()
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
+
+
+def finish_prediction(text: str, first_line: bool) -> str:
+    """The answer as scored: without surrounding whitespace, and only its first line when `first_line`."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if first_line else text
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[list[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    first_line: bool,
+) -> list[str]:
+    """Greedy continuations of the prompts (token ids), generated together from one left-padded batch."""
+    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    config = options.generation_config(tokenizer, stop_ids)
+    pad = int(config.pad_token_id)
+    width = max(len(ids) for ids in prompt_ids)
+    device = next(model.parameters()).device
+    # Left padding: every prompt ends at the same column, so each row's next token comes from its own last one.
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    criteria = StoppingCriteriaList([_FirstLineDone(tokenizer, width)]) if first_line else None
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=config,
+        stopping_criteria=criteria,
+    )
+    texts = []
+    stops = set(stop_ids)
+    for row in output[:, width:].tolist():
+        end = next((i for i, token in enumerate(row) if token in stops), len(row))  # what follows is padding
+        texts.append(finish_prediction(str(tokenizer.decode(row[:end], skip_special_tokens=True)), first_line))
+    return texts
+
+
+def fit_prompt(ids: list[int], context: int | None, max_new_tokens: int) -> tuple[list[int], bool]:
+    """The prompt ids cut from the left so that the answer still fits the model's context (True if cut)."""
+    if context is None or len(ids) + max_new_tokens <= context:
+        return ids, False
+    room = context - max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in a {context}-token context")
+    return ids[-room:], True
+
+
+def generate_all(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    stop_ids: list[int] | None = None,
+    first_line: bool = False,
+    progress: bool = False,
+) -> tuple[list[str], int]:
+    """Greedy predictions for all prompts (in their order) and how many prompts had to be cut to fit."""
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, not {batch_size}")
+    stop_ids = stop_ids or ([] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)])
+    context = model_context_length(model.config)
+    fitted = [fit_prompt(encode_prompt(tokenizer, prompt), context, max_new_tokens) for prompt in prompts]
+    # Longest first: each batch holds prompts of similar length, and an out-of-memory shows up at once.
+    order = sorted(range(len(prompts)), key=lambda i: -len(fitted[i][0]))
+    predictions = [""] * len(prompts)
+    with torch.inference_mode(), _progress(progress, len(prompts), "generating") as advance:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            texts = generate_batch(
+                model,
+                tokenizer,
+                [fitted[i][0] for i in batch],
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+                first_line=first_line,
+            )
+            for i, text in zip(batch, texts, strict=True):
+                predictions[i] = text
+            advance(len(batch))
+    return predictions, sum(cut for _, cut in fitted)
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer-only perplexity
+
+
+def answer_nll(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict[str, str]]],
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> NLLTotals:
+    """Summed NLL of the assistant tokens of each conversation (teacher forcing), with SFT's answer mask."""
+    from seshu.data.instructions import labels_from_mask, tokenize_conversation
+
+    context = model_context_length(model.config)
+    examples = []
+    for messages in conversations:
+        encoded = tokenize_conversation(tokenizer, messages, max_length=context)
+        labels = labels_from_mask(encoded["input_ids"], encoded["assistant_masks"])
+        if any(label != -100 for label in labels[1:]):  # a conversation cut before its answer has nothing to score
+            examples.append((encoded["input_ids"], labels))
+    totals = NLLTotals(documents=len(examples))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    with torch.inference_mode(), _progress(progress, len(examples), "scoring answers") as advance:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            nll, tokens = _batch_answer_nll(model, batch, int(pad))
+            totals.nll += nll
+            totals.tokens += tokens
+            advance(len(batch))
+    return totals
+
+
+def _batch_answer_nll(model: Any, batch: list[tuple[list[int], list[int]]], pad: int) -> tuple[float, int]:
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    labels = torch.full_like(input_ids, -100)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (ids, row_labels) in enumerate(batch):  # right padding: positions are 0.. as in training
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(ids)] = torch.tensor(row_labels)
+        attention_mask[row, : len(ids)] = 1
+    device = next(model.parameters()).device
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
+    targets = labels[:, 1:].to(device)
+    scored = targets != -100
+    # float32 for the loss whatever the model's dtype; summed in float64 (many tokens).
+    losses = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+    return float(losses.double().sum()), int(scored.sum())
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole evaluation
+
+
+def evaluate_generation(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    records: list[TaskRecord],
+    *,
+    template: str | None = None,
+    values: dict[str, str] | None = None,
+    chat: bool | None = None,
+    first_line: bool | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> GenerationEvalResult:
+    """Generate for every record and score: the task's scorer on the predictions, plus answer-only perplexity
+    for instruct. `first_line` defaults to the task's choice (translation and QA answer in one line)."""
+    if not records:
+        raise UserError("no records to evaluate")
+    chat_on = use_chat(tokenizer, task, chat)
+    prompts = build_prompts(task, records, tokenizer, template=template, values=values, chat=chat_on)
+    predictions, truncated = generate_all(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_ids=end_of_turn_ids(tokenizer) if chat_on else None,
+        first_line=task.first_line if first_line is None else first_line,
+        progress=progress,
+    )
+    scores: dict[str, float] = {}
+    if task.score is not None:
+        scores.update(task.score(predictions, [r.references for r in records]))
+    if task.answer_perplexity:
+        conversations = [r.messages for r in records if r.messages is not None]
+        totals = answer_nll(model, tokenizer, conversations, batch_size=batch_size, progress=progress)
+        if not totals.tokens:
+            raise UserError("no conversation has an answer token within the model's context; nothing to score")
+        scores.update({"perplexity": totals.perplexity, "answer_tokens": totals.tokens})
+    return GenerationEvalResult(task.name, scores, prompts, predictions, records, truncated)
+
+
+def generation_eval_from_paths(
+    model: str,
+    task: str,
+    *,
+    data: str | None = None,
+    src_file: str | None = None,
+    tgt_file: str | None = None,
+    adapter: str | None = None,
+    prompt_template: str | None = None,
+    target_lang: str | None = None,
+    source_lang: str | None = None,
+    chat: bool | None = None,
+    first_line: bool | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    batch_size: int = 8,
+    max_records: int | None = None,
+    device: str | None = None,
+    out: Path | None = None,
+    progress: bool = False,
+) -> GenerationEvalResult:
+    """`seshu eval generate` as a function: read the records (`data`, or for translation the line-aligned
+    `src_file`/`tgt_file`), load the model (with `adapter`), evaluate, and write per-record outputs to `out`
+    (JSON Lines, atomically). Inputs are all checked before the model loads."""
+    spec = get_task(task)
+    if max_records is not None and max_records < 1:
+        raise UserError(f"--max-records must be at least 1, not {max_records}")
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    if prompt_template is not None:
+        if spec.template is None:
+            raise UserError(f"the {task} task takes its prompts from the conversations; drop --prompt-template")
+        check_template(spec, prompt_template)
+    records = _read_records(spec, data, src_file, tgt_file, max_records)
+    values = {k: v for k, v in (("target_lang", target_lang), ("source_lang", source_lang)) if v is not None}
+    if spec.template is not None:  # a missing --target-lang should fail now, not after the model loads
+        render_prompt(spec, records[0], prompt_template, values)
+
+    from seshu.generate import load_for_generation
+
+    lm, tokenizer = load_for_generation(model, adapter, device)
+    result = evaluate_generation(
+        lm,
+        tokenizer,
+        spec,
+        records,
+        template=prompt_template,
+        values=values,
+        chat=chat,
+        first_line=first_line,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    if out is not None:
+        write_text_atomic(Path(out), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows()))
+    return result
+
+
+def _read_records(
+    task: Task, data: str | None, src_file: str | None, tgt_file: str | None, max_records: int | None
+) -> list[TaskRecord]:
+    paired = src_file is not None or tgt_file is not None
+    if paired and task.name != "translation":
+        raise UserError("--src-file and --tgt-file make translation records; use --data for the other tasks")
+    if paired and data is not None:
+        raise UserError("give either --data or --src-file with --tgt-file, not both")
+    if paired:
+        if src_file is None or tgt_file is None:
+            raise UserError("--src-file and --tgt-file go together: give both")
+        records = read_line_pairs(src_file, tgt_file)
+        return records[:max_records] if max_records is not None else records
+    if data is None:
+        hint = " (or --src-file and --tgt-file)" if task.name == "translation" else ""
+        raise UserError(f"give the evaluation records with --data{hint}")
+    return list(islice(task.read(data), max_records))
+
+
+@contextmanager
+def _progress(enabled: bool, total: int, label: str) -> Iterator[Any]:
+    """A transient rich progress bar on stderr; yields `advance(n)`."""
+    if not enabled:
+        yield lambda n: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task_id = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task_id, n)

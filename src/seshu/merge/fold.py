@@ -1,0 +1,450 @@
+"""Fold a PEFT adapter into its base model: one standalone model that loads with plain `AutoModelForCausalLM`.
+
+`fold_adapter` is `seshu adapters fold`. It loads the base in float32, applies the adapter unmerged (the forward
+pass it was trained with), takes reference logits on a few fixed inputs, merges, casts to the output dtype and
+takes the logits again from the weights as they will be saved. The fold is written only when the two agree
+within the dtype's tolerance; the figures go into the model card.
+
+An adapter is untrusted input (the federation receives them from strangers), so it is read the careful way:
+safetensors only, a config that peft understands field by field, finite values, and every tensor matched by
+name and shape against what the config makes of the base, so that an adapter for another base fails with the
+tensor's name before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from seshu.errors import UserError
+from seshu.generate import encode_prompt
+from seshu.hub.card import describe_inputs, read_card_metadata, render_card
+from seshu.io import sha256_file, staged_dir
+from seshu.models.loading import DTYPES, check_vocab_fits, embedding_rows, load_causal_lm
+from seshu.models.registry import count_parameters
+from seshu.tokenizer import load_tokenizer
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CARD_COMMAND = "adapters fold"
+
+# Largest accepted error of the folded logits, per output dtype: the 90th percentile over positions of
+# ||folded - reference|| / ||reference|| (each position's logit vector). A percentile rather than the whole-tensor
+# figure because of mixture-of-experts models: rounding the router's weights flips the top-k choice of the odd
+# token whose experts nearly tie, and that token's logits jump (by 20-60% on a tiny random Mixtral in bfloat16,
+# for 3 positions of 200), which is what the model would do at that dtype anyway, not a fault of the fold. A fold
+# that lost or mangled the adapter is off at nearly every position, which the percentile still sees.
+# Storing a weight rounds it by at most half a unit in the last place: 2^-24 relative in float32, 2^-11 in float16
+# (10 mantissa bits), 2^-8 in bfloat16 (7 bits). Independent rounding errors add up roughly with the square root
+# of the number of matmuls they pass through; measured on random llama models (2 to 12 layers, LoRA on five
+# projections), the folded logits were off by 3e-7-1e-6 in float32, 4e-4-9e-4 in float16 and 3e-3-6e-3 in
+# bfloat16. The tolerances leave ~10x headroom for deeper, trained models, and stay well below what a fold that
+# lost or mangled the adapter produces (a trained adapter moves the logits by tens of percent).
+TOLERANCES: dict[str, float] = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
+
+# Short texts in a few scripts (the inputs a user's model meets), plus one seeded random sequence that reaches
+# token ids the texts never do.
+DEFAULT_CHECK_TEXTS: tuple[str, ...] = (
+    "The quick brown fox jumps over the lazy dog.",
+    "नमस्ते दुनिया, आज मौसम बहुत अच्छा है।",
+    "def add(a, b):\n    return a + b\n",
+)
+RANDOM_CHECK_TOKENS = 32
+# Task types that wrap a causal LM the way `seshu sft` trains it; others (classification heads) do not fold here.
+_CAUSAL_TASK_TYPES = (None, "CAUSAL_LM")
+
+
+class FoldMismatchError(RuntimeError):
+    """The folded model does not reproduce base + adapter: a failure of the fold, not of the input (exit 1)."""
+
+
+@dataclass(frozen=True)
+class AdapterFiles:
+    """A checked adapter folder: its parsed config (raw and as peft's config) and its tensors."""
+
+    path: Path
+    raw_config: dict[str, Any]
+    config: PeftConfig
+    tensors: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LogitCheck:
+    """How far the folded model's logits are from base + unmerged adapter (float32) on the check inputs."""
+
+    inputs: int
+    tokens: int
+    max_abs_diff: float
+    relative_error: float  # ||folded - reference|| / ||reference|| over all positions and the vocabulary
+    position_error_p90: float  # the verdict: 90th percentile of the per-position relative errors
+    tolerance: float
+    adapter_effect: float  # the same percentile between base and base + adapter: how much the adapter does
+
+    @property
+    def passed(self) -> bool:
+        return self.position_error_p90 <= self.tolerance  # False for NaN too
+
+    @property
+    def adapter_within_rounding(self) -> bool:
+        """True when the dtype's rounding is comparable to the adapter's own effect, so folding at this dtype
+        blurs much of what was trained (float32 keeps it)."""
+        return self.position_error_p90 > 0.5 * self.adapter_effect
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FoldReport:
+    out: Path
+    dtype: str
+    parameters: int
+    check: LogitCheck
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading and checking an adapter
+
+
+def read_adapter(path: str | Path) -> AdapterFiles:
+    """The config and tensors of a PEFT adapter folder, checked before any model is touched.
+
+    Refuses a folder without adapter_model.safetensors (pickle weights can run code when loaded), a config that
+    is not JSON or has fields this peft does not know (they could change what the adapter computes), adapters
+    that are not weight deltas (prompt learning), and tensors that are empty, not floating point or not finite.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: adapter directory not found")
+    config_path = path / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise UserError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    weights = path / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        extra = f" (only {', '.join(pickles)}: pickle files can run code, so Seshu loads safetensors only)"
+        raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{extra if pickles else ''}")
+    raw = _read_config_json(config_path)
+    config = _peft_config(raw, config_path)
+    tensors = _read_tensors(weights)
+    return AdapterFiles(path=path, raw_config=raw, config=config, tensors=tensors)
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def _peft_config(raw: dict[str, Any], where: Path) -> PeftConfig:
+    peft_type = raw.get("peft_type")
+    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise UserError(f"{where}: peft_type {peft_type!r} is not an adapter type peft knows")
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    # peft drops unknown fields with a warning; a field from a newer peft may change the adapter's math, so a
+    # fold that ignored it would write a model that is not what was trained.
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(
+            f"{where}: field '{unknown[0]}' is unknown to {config_class.__name__} in this peft; upgrade peft "
+            "to the version that saved the adapter"
+        )
+    try:
+        config = config_class.from_peft_type(**raw)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"{where}: not a valid {peft_type} config: {_first_line(exc)}") from None
+    if config.is_prompt_learning:
+        raise UserError(f"{where}: a {peft_type} adapter adds prompt tokens, not weights, so it cannot be folded")
+    task_type = None if config.task_type is None else str(getattr(config.task_type, "value", config.task_type))
+    if task_type not in _CAUSAL_TASK_TYPES:
+        raise UserError(f"{where}: task_type {task_type} is not a causal language model adapter")
+    return config
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
+    if not tensors:
+        raise UserError(f"{path}: holds no tensors")
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise UserError(f"{path}: tensor {name} is {tensor.dtype}, not floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{path}: tensor {name} holds NaN or infinite values")
+    return tensors
+
+
+def check_adapter_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
+    """Every tensor the adapter's config implies for this base (`expected`, name -> shape) must be in the file
+    (`found`) with the same shape. Names only in the file are left to peft, which knows older layouts."""
+    for name, shape in expected.items():
+        if name not in found:
+            raise UserError(f"{where}: has no tensor {name}, which its config asks for; the file is incomplete")
+        if found[name] != shape:
+            raise UserError(
+                f"{where}: tensor {name} has shape {list(found[name])} but the base model needs {list(shape)}; "
+                "the adapter was trained on another base model"
+            )
+
+
+def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> PeftModel:
+    """`model` with the adapter applied, unmerged, after matching every tensor against the base."""
+    where = str(files.path)
+    mapping = files.raw_config.get("auto_mapping")
+    trained_on = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    if trained_on and trained_on != type(model).__name__:
+        raise UserError(
+            f"{where}: the adapter was trained on a {trained_on}, but {base} is a {type(model).__name__}; "
+            "give the base model it was trained on"
+        )
+    try:
+        with warnings.catch_warnings():
+            # The adapter's recorded base path rarely matches this machine's; the card keeps it as `trained_on`.
+            warnings.filterwarnings("ignore", message=r".*base_model_name_or_path.*was renamed")
+            peft_model = get_peft_model(model, files.config)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        # e.g. "Target modules {'c_attn'} not found in the base model": the adapter is for another architecture.
+        raise UserError(f"{where}: does not fit {base}: {_first_line(exc)}") from None
+    # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary was resized.
+    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    check_adapter_tensors(
+        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in files.tensors.items()}, where
+    )
+    try:
+        # peft's annotation says a bare namedtuple; it is torch's _IncompatibleKeys.
+        result: Any = set_peft_model_state_dict(peft_model, files.tensors)
+    except RuntimeError as exc:  # shape mismatches in tensors peft placed itself
+        raise UserError(f"{where}: does not fit {base}: {_first_line(exc)}") from None
+    if result.unexpected_keys:
+        extra = sorted(set(files.tensors) - set(expected)) or list(result.unexpected_keys)
+        raise UserError(f"{where}: tensor {extra[0]} belongs to no module of {base}; the adapter is for another base")
+    peft_model.eval()
+    return peft_model
+
+
+# --------------------------------------------------------------------------------------------------
+# The logits check
+
+
+def check_inputs(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], vocab_size: int, seed: int = 0
+) -> list[list[int]]:
+    """Token ids of `texts` (each as a document starts: [bos] text), plus one seeded random sequence."""
+    inputs = [encode_prompt(tokenizer, text) for text in texts]
+    generator = torch.Generator().manual_seed(seed)
+    inputs.append(torch.randint(0, vocab_size, (RANDOM_CHECK_TOKENS,), generator=generator).tolist())
+    return inputs
+
+
+@torch.inference_mode()
+def model_logits(model: Any, inputs: list[list[int]]) -> list[torch.Tensor]:
+    """float32 logits of each input, one sequence at a time (no padding: Mamba has no attention mask)."""
+    device = next(model.parameters()).device
+    return [
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float().cpu() for ids in inputs
+    ]
+
+
+@dataclass(frozen=True)
+class LogitDiff:
+    max_abs: float  # max |candidate - reference|
+    relative: float  # ||candidate - reference|| / ||reference||, all positions together
+    position_p90: float  # 90th percentile over positions of the same ratio per position
+
+
+def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor]) -> LogitDiff:
+    """How far `candidate` logits are from `reference` ones (lists of [positions, vocab] tensors), in float64."""
+    ref = torch.cat([t.reshape(-1, t.shape[-1]) for t in reference]).double()
+    diff = torch.cat([t.reshape(-1, t.shape[-1]) for t in candidate]).double() - ref
+    per_position = _ratio(diff.norm(dim=-1), ref.norm(dim=-1))
+    return LogitDiff(
+        max_abs=float(diff.abs().max()),
+        relative=float(_ratio(diff.norm(), ref.norm())),
+        position_p90=float(torch.quantile(per_position, 0.9)),
+    )
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    # 0/0 is agreement (all-zero logits on both sides); anything else over 0 is infinitely far.
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, num / safe, torch.where(num > 0, torch.full_like(num, math.inf), torch.zeros_like(num)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Folding
+
+
+def fold_adapter(
+    base: str,
+    adapter: str,
+    out: Path,
+    dtype: str = "bfloat16",
+    check_prompts: list[str] | None = None,
+) -> FoldReport:
+    """Fold the adapter folder `adapter` into the model `base` (folder or Hub id) and write the result to `out`.
+
+    The output holds safetensors weights in `dtype`, config, generation config, the tokenizer (the adapter's when
+    it ships one, since fine-tuning may have changed its chat template, else the base's) and a model card.
+    Raises `UserError` for bad input and `FoldMismatchError` when the folded logits stray beyond
+    `TOLERANCES[dtype]`; either way nothing is written.
+    """
+    if dtype not in TOLERANCES:
+        raise UserError(f"unknown dtype '{dtype}'; choose one of: {', '.join(TOLERANCES)}")
+    out = Path(out)
+    _check_out(out, base, adapter)
+    files = read_adapter(adapter)
+    # float32 for the fold itself: merging into a 16-bit base would round W + BA twice.
+    model, tokenizer = load_causal_lm(base, dtype="float32", device="cpu")
+    peft_model = apply_adapter(model, files, base)
+    if (files.path / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(adapter)
+        check_vocab_fits(tokenizer, embedding_rows(model), adapter)
+
+    inputs = check_inputs(tokenizer, list(check_prompts or DEFAULT_CHECK_TEXTS), embedding_rows(model))
+    reference = model_logits(peft_model, inputs)
+    with peft_model.disable_adapter():
+        base_logits = model_logits(peft_model, inputs)
+    try:
+        # safe_merge: peft checks each merged weight for NaN before it replaces the original.
+        folded = peft_model.merge_and_unload(safe_merge=True)
+    except ValueError as exc:
+        raise FoldMismatchError(f"folding {adapter} into {base} failed: {_first_line(exc)}") from None
+    folded.eval()
+
+    target = DTYPES[dtype]
+    if target != torch.float32:
+        # Compare the weights as they will be saved, upcast and run in float32: the check then measures the fold
+        # and the storage rounding, not the 16-bit kernels of whatever device later runs the model.
+        folded.to(target)
+        _check_finite_weights(folded, dtype)
+        folded.to(torch.float32)
+    diff = compare_logits(reference, model_logits(folded, inputs))
+    check = LogitCheck(
+        inputs=len(inputs),
+        tokens=sum(len(ids) for ids in inputs),
+        max_abs_diff=diff.max_abs,
+        relative_error=diff.relative,
+        position_error_p90=diff.position_p90,
+        tolerance=TOLERANCES[dtype],
+        adapter_effect=compare_logits(base_logits, reference).position_p90,
+    )
+    if not check.passed:
+        raise FoldMismatchError(
+            f"the folded model does not reproduce {base} + {adapter}: its logits are off by {diff.position_p90:.3g} "
+            f"(relative, 90th percentile of positions), above the {dtype} tolerance {check.tolerance:g}; "
+            "nothing was written"
+        )
+    folded.to(target)  # exact: every value came from `target` in the first place
+
+    parameters = count_parameters(folded)
+    card = _card(base, files, dtype, folded, check, parameters)
+    with staged_dir(out) as tmp:
+        folded.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return FoldReport(out=out, dtype=dtype, parameters=parameters, check=check)
+
+
+def _check_out(out: Path, base: str, adapter: str) -> None:
+    """`out` is replaced whole, so it must be new, empty, or an earlier fold: never a source or another folder."""
+    resolved = out.resolve()
+    for flag, source in (("--base", base), ("--adapter", adapter)):
+        if Path(source).exists() and Path(source).resolve() == resolved:
+            raise UserError(f"{out}: --out is the {flag} folder; choose a new folder for the folded model")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    if any(out.iterdir()) and not _is_fold_output(out):
+        raise UserError(f"{out}: exists and is not a folded model; choose another --out (it would be replaced)")
+
+
+def _is_fold_output(folder: Path) -> bool:
+    card = folder / "README.md"
+    try:
+        meta = read_card_metadata(card) if card.is_file() else {}
+    except Exception:  # a card that is not YAML is simply not ours
+        return False
+    seshu = meta.get("seshu")
+    return isinstance(seshu, dict) and seshu.get("command") == CARD_COMMAND
+
+
+def _check_finite_weights(model: PreTrainedModel, dtype: str) -> None:
+    # float16 tops out at 65504: a larger folded weight becomes inf and the model would be silently broken.
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise FoldMismatchError(
+                f"folded weight {name} does not fit in {dtype} (it overflows to infinity); fold to bfloat16 or float32"
+            )
+
+
+def _card(
+    base: str, files: AdapterFiles, dtype: str, model: PreTrainedModel, check: LogitCheck, parameters: int
+) -> str:
+    raw = files.raw_config
+    settings = {
+        key: raw[key]
+        for key in ("peft_type", "r", "lora_alpha", "target_modules", "target_parameters", "use_dora", "use_rslora")
+        if raw.get(key) is not None
+    }
+    adapter_files = [files.path / ADAPTER_WEIGHTS, files.path / ADAPTER_CONFIG]
+    local_base = Path(base).exists()
+    metadata: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        # The Hub's base_model field takes a Hub id; a local folder is recorded under `seshu` only.
+        **({} if local_base else {"base_model": base}),
+        "tags": ["seshu", model.config.model_type, "folded-adapter"],
+        "seshu": {
+            "command": CARD_COMMAND,
+            "dtype": dtype,
+            "parameters": parameters,
+            "base": base,
+            "adapter": {
+                "path": str(files.path),
+                "sha256": {p.name: sha256_file(p) for p in adapter_files},
+                "trained_on": raw.get("base_model_name_or_path"),
+                **settings,
+            },
+            "check": check.to_dict(),
+            "inputs": describe_inputs([base, *map(str, adapter_files)]),
+        },
+    }
+    body = (
+        f"`{base}` with the adapter `{files.path}` folded into its weights ({parameters:,} parameters, {dtype}), "
+        "made with `seshu adapters fold`.\n\n"
+        f"Check: on {check.inputs} inputs ({check.tokens} tokens) the folded model's logits differ from the base "
+        f"model with the unmerged adapter (float32) by at most {check.max_abs_diff:.3g} "
+        f"(relative error {check.relative_error:.3g} overall, {check.position_error_p90:.3g} at the 90th percentile "
+        f"of positions; tolerance for {dtype}: {check.tolerance:g}). The adapter itself moves the logits by "
+        f"{check.adapter_effect:.3g} (relative, 90th percentile).\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
+    )
+    return render_card(f"{Path(base).name} + {files.path.name}", metadata, body)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
