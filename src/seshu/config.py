@@ -68,14 +68,11 @@ class CleanSection(_Strict):
     scripts: list[str] | None = None
 
 
-class DataSection(_Strict):
+class _SplitSources(_Strict):
+    """Training sources and a validation split: a held-out fraction of them, or sources of its own."""
+
     train: str | SourceEntry | list[str | SourceEntry]
     validation: float | str | SourceEntry | list[str | SourceEntry] = 0.05
-    text_field: str = "text"
-    streaming: bool = False
-    mix_stop: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
-    clean: CleanSection = Field(default_factory=CleanSection)
-    max_eval_blocks: int = Field(256, ge=1)
 
     @field_validator("validation")
     @classmethod
@@ -84,13 +81,27 @@ class DataSection(_Strict):
             raise ValueError("a validation fraction must be between 0 and 1")
         return value
 
+    def _text_field(self) -> str:
+        return "text"
+
     def train_sources(self) -> list[SourceEntry]:
-        return _entries(self.train, self.text_field)
+        return _entries(self.train, self._text_field())
 
     def validation_sources(self) -> list[SourceEntry]:
         if isinstance(self.validation, float):
             return []
-        return _entries(self.validation, self.text_field)
+        return _entries(self.validation, self._text_field())
+
+
+class DataSection(_SplitSources):
+    text_field: str = "text"
+    streaming: bool = False
+    mix_stop: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
+    clean: CleanSection = Field(default_factory=CleanSection)
+    max_eval_blocks: int = Field(256, ge=1)
+
+    def _text_field(self) -> str:
+        return self.text_field
 
 
 def _entries(value: str | SourceEntry | list[str | SourceEntry], text_field: str) -> list[SourceEntry]:
@@ -134,6 +145,43 @@ class PretrainRecipe(_Strict):
     train: TrainSection = Field(default_factory=TrainSection)
     track: TrackSection = Field(default_factory=TrackSection)
     output_dir: str = "runs/pretrain"
+
+
+class InstructionDataSection(_SplitSources):
+    """Instruction records for fine-tuning (see `seshu.data.instructions` for the formats)."""
+
+    format: str = "auto"
+    on_error: Literal["raise", "skip"] = "raise"
+    max_records: int | None = Field(None, ge=1)
+
+
+class LoraSection(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, gt=0)
+    # None: 0.05, or 0 when fused expert parameters are targeted (peft applies no dropout to those).
+    dropout: float | None = Field(None, ge=0, lt=1)
+    # Defaults come from the model registry (per architecture); set these to target other modules.
+    target_modules: list[str] | None = None
+    target_parameters: list[str] | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+
+class SFTSection(_Strict):
+    method: Literal["lora", "qlora", "full"] = "lora"
+    lora: LoraSection = Field(default_factory=LoraSection)
+    # Several short conversations per sequence, each attending only to itself (where the trainer supports it).
+    packing: bool = False
+
+
+class SFTRecipe(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: InstructionDataSection
+    train: TrainSection = Field(default_factory=lambda: TrainSection(lr=2e-4, warmup_steps=10, weight_decay=0.0))
+    track: TrackSection = Field(default_factory=TrackSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    output_dir: str = "runs/sft"
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

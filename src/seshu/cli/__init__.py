@@ -20,11 +20,13 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so that `seshu --help` stays fast and each group owns its own module.
-    from seshu.cli import evaluate, generate, pretrain, quickstart, tokenizer
+    from seshu.cli import adapters, evaluate, generate, pretrain, quickstart, sft, tokenizer
 
     app.add_typer(tokenizer.app, name="tokenizer")
     app.add_typer(evaluate.app, name="eval")
+    app.add_typer(adapters.app, name="adapters")
     pretrain.register(app)
+    sft.register(app)
     generate.register(app)
     quickstart.register(app)
 

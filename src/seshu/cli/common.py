@@ -5,6 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from pathlib import Path
+
+import typer
+
+# The options every recipe-driven command (pretrain, sft) takes.
+CONFIG = typer.Option(..., "--config", "-c", help="Recipe YAML (see recipes/).")
+OVERRIDES = typer.Option([], "--set", help="Override any recipe key: --set train.lr=3e-4 (repeatable).")
+OUT = typer.Option(None, "--out", help="Output directory (overrides the recipe's output_dir).")
+RESUME = typer.Option(False, "--resume", help="Continue from the last checkpoint in the output directory.")
+
+
+def recipe_overrides(overrides: list[str], out: Path | None) -> list[str]:
+    """The --set assignments, with --out as one more."""
+    return [*overrides, f"output_dir={out}"] if out else overrides
 
 
 def quiet_libraries() -> None:

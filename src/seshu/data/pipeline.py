@@ -67,22 +67,16 @@ def build_block_datasets(
         raise _no_block("training", seq_len)
     train: datasets.Dataset | datasets.IterableDataset
     if data.streaming:
-        train = datasets.IterableDataset.from_generator(
-            _block_rows, features=BLOCK_FEATURES, gen_kwargs=gen_kwargs
-        )
+        train = datasets.IterableDataset.from_generator(_block_rows, features=BLOCK_FEATURES, gen_kwargs=gen_kwargs)
     else:
         train = _cached_blocks(gen_kwargs, _fingerprint(data, tokenizer, seq_len, seed), cache_dir)
-    blocks = list(
-        islice(pack_documents(validation_documents(data, seed), tokenizer, seq_len), data.max_eval_blocks)
-    )
+    blocks = list(islice(pack_documents(validation_documents(data, seed), tokenizer, seq_len), data.max_eval_blocks))
     if not blocks:
         raise _no_block("validation", seq_len)
     return train, datasets.Dataset.from_dict({"input_ids": blocks}, features=BLOCK_FEATURES)
 
 
-def _mixed(
-    data: DataSection, entries: list[SourceEntry], seed: int, stats: CleanStats | None
-) -> Iterator[str]:
+def _mixed(data: DataSection, entries: list[SourceEntry], seed: int, stats: CleanStats | None) -> Iterator[str]:
     factories = [partial(_cleaned_source, entry, data, stats) for entry in entries]
     return mix_sources(factories, [entry.weight for entry in entries], seed, data.mix_stop)
 
@@ -122,15 +116,15 @@ def _fingerprint(data: DataSection, tokenizer: PreTrainedTokenizerBase, seq_len:
     state = {
         "version": _FORMAT_VERSION,
         "data": data.model_dump(mode="json", exclude={"max_eval_blocks"}),
-        "sources": {entry.path: _source_state(entry.path) for entry in data.train_sources()},
-        "tokenizer": _tokenizer_state(tokenizer),
+        "sources": {entry.path: source_state(entry.path) for entry in data.train_sources()},
+        "tokenizer": tokenizer_state(tokenizer),
         "seq_len": seq_len,
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _source_state(path: str) -> list[tuple[str, int, int]] | str:
+def source_state(path: str) -> list[tuple[str, int, int]] | str:
     """Name, size and modification time of every local file (cheap, and changes whenever a file is
     edited). A dataset id stands for itself: a new revision on the Hub goes unnoticed until the cache
     folder is cleared."""
@@ -140,7 +134,7 @@ def _source_state(path: str) -> list[tuple[str, int, int]] | str:
     return [(str(file), stat.st_size, stat.st_mtime_ns) for file in files for stat in [file.stat()]]
 
 
-def _tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> str:
+def tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> str:
     """The tokenizer's full definition, plus which tokens packing uses (set on the wrapper, not in it)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer)

@@ -14,7 +14,8 @@ from seshu.tokenizer import load_tokenizer
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _check_local(path: str) -> None:
+def check_model_dir(path: str) -> None:
+    """A local model folder must exist, hold a config and safetensors weights; Hub ids pass through."""
     local = Path(path)
     looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
     if not looks_local:
@@ -49,7 +50,7 @@ def load_causal_lm(
     path: str, *, dtype: str | None = None, device: str | None = None, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, safetensors only, in eval mode."""
-    _check_local(path)
+    check_model_dir(path)
     tokenizer = load_tokenizer(path)
     torch_dtype = DTYPES[dtype] if dtype else "auto"
     try:

@@ -24,6 +24,34 @@ from seshu.train.callbacks import ProgressCallback, RunLogCallback, perplexity
 CHECKPOINTS = "checkpoints"
 
 
+class LanguageModelLossMixin:
+    """Reports the language-modelling loss alone at evaluation time (mix into a Trainer class).
+
+    A Mixtral's loss includes the router's load-balancing term, which belongs in training but would inflate
+    validation perplexity; it is subtracted when the model is not training.
+    """
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        if model.training:  # asking for outputs here would cost trl an extra forward pass per step
+            return super().compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss, outputs = super().compute_loss(  # type: ignore[misc]
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
+        aux = getattr(outputs, "aux_loss", None)
+        if aux is not None:
+            config = self.accelerator.unwrap_model(model).config  # type: ignore[attr-defined]
+            loss = loss - config.router_aux_loss_coef * aux
+        return (loss, outputs) if return_outputs else loss
+
+
 def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse to train over a finished or interrupted run unless asked to resume it."""
     if resume or not out.exists():

@@ -21,6 +21,7 @@ from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_l
 from seshu.models.registry import build_config, build_model, count_parameters, get_preset_arch
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from seshu.train.common import (
+    LanguageModelLossMixin,
     check_environment,
     check_output_dir,
     final_metrics,
@@ -50,25 +51,8 @@ def collate_blocks(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": ids.clone()}
 
 
-class CausalLMTrainer(Trainer):
-    """Reports the language-modelling loss alone at evaluation time.
-
-    A Mixtral's loss includes the router's load-balancing term, which belongs in training but would inflate
-    validation perplexity; it is subtracted when the model is not training.
-    """
-
-    def compute_loss(
-        self,
-        model: torch.nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> Any:
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        aux = getattr(outputs, "aux_loss", None)
-        if not model.training and aux is not None:
-            loss = loss - self.accelerator.unwrap_model(model).config.router_aux_loss_coef * aux
-        return (loss, outputs) if return_outputs else loss
+class CausalLMTrainer(LanguageModelLossMixin, Trainer):
+    """transformers' Trainer, validating on the language-modelling loss alone."""
 
 
 def _prepare_tokenizer(recipe: PretrainRecipe, out: Path) -> tuple[PreTrainedTokenizerBase, bool]:

@@ -1,0 +1,30 @@
+"""`seshu sft`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from seshu.cli.common import CONFIG, OUT, OVERRIDES, RESUME, quiet_libraries, recipe_overrides
+
+
+def register(app: typer.Typer) -> None:
+    app.command("sft")(sft)
+
+
+def sft(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path | None = OUT,
+    resume: bool = RESUME,
+) -> None:
+    """Fine-tune a model on instruction data with LoRA, QLoRA or full training, as a recipe says."""
+    from seshu.config import SFTRecipe, load_recipe
+    from seshu.train.sft import run
+
+    quiet_libraries()
+    result = run(load_recipe(SFTRecipe, config, recipe_overrides(overrides, out)), resume=resume)
+    loss = result.metrics.get("eval_loss")
+    summary = f"answer-only validation loss {loss:.4f}; " if loss is not None else ""
+    typer.echo(f"done: {result.steps} steps, {summary}written to {result.output_dir}")

@@ -1,0 +1,335 @@
+"""`seshu sft`: supervised fine-tuning with LoRA, QLoRA or full training, on trl's SFTTrainer and peft.
+
+Conversations are tokenized by Seshu (`seshu.data.instructions`) with an answer mask, so the loss covers the
+assistant's tokens only, with any chat template; trl turns that mask into labels. Every Seshu expert and
+every donor contribution to the federation is made here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from trl import SFTConfig, SFTTrainer
+
+from seshu.config import SFTRecipe, SourceEntry, dump_recipe
+from seshu.data.instructions import InstructionStats, read_conversations, tokenize_conversation
+from seshu.data.mixing import is_validation
+from seshu.data.pipeline import source_state, tokenizer_state
+from seshu.errors import UserError
+from seshu.hub.card import describe_inputs, render_card
+from seshu.io import write_text_atomic
+from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
+from seshu.models.registry import arch_of
+from seshu.tokenizer import CHAT_TOKENS, load_tokenizer
+from seshu.train.common import (
+    LanguageModelLossMixin,
+    check_environment,
+    check_output_dir,
+    final_metrics,
+    publish,
+    remove_if_created,
+    run_callbacks,
+    tracking_env,
+    train_resumably,
+    training_arguments,
+)
+
+ROW_FEATURES = datasets.Features(
+    {"input_ids": datasets.List(datasets.Value("int32")), "assistant_masks": datasets.List(datasets.Value("int8"))}
+)
+
+
+@dataclass
+class SFTResult:
+    output_dir: Path
+    metrics: dict[str, float]
+    trainable_parameters: int
+    total_parameters: int
+    steps: int
+
+
+class SeshuSFTTrainer(LanguageModelLossMixin, SFTTrainer):
+    """trl's SFTTrainer, validating on the language-modelling loss alone."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def _conversations(recipe: SFTRecipe, entries: list[SourceEntry], stats: InstructionStats) -> Iterator[list[dict]]:
+    data = recipe.data
+    for entry in entries:
+        yield from read_conversations(
+            entry.path, format=data.format, on_error=data.on_error, split=entry.split, name=entry.name, stats=stats
+        )
+
+
+def _rows(recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, split: str) -> Iterator[dict[str, list[int]]]:
+    """Tokenized conversations of one split; conversations whose answers were cut off entirely are dropped."""
+    data, seed = recipe.data, recipe.train.seed
+    held_out = data.validation if isinstance(data.validation, float) else None
+    entries = data.train_sources() if held_out is not None or split == "train" else data.validation_sources()
+    conversations: Iterator[list[dict]] = _conversations(recipe, entries, InstructionStats())
+    if held_out is not None:
+        want = split == "validation"
+        conversations = (
+            c for c in conversations if is_validation(json.dumps(c, sort_keys=True), held_out, seed) == want
+        )
+    if split == "train" and data.max_records:
+        conversations = islice(conversations, data.max_records)
+    for messages in conversations:
+        row = tokenize_conversation(tokenizer, messages, recipe.train.seq_len)
+        if 1 in row["assistant_masks"]:
+            yield row
+
+
+def _fingerprint(recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, split: str) -> str:
+    state = {
+        "split": split,
+        "data": recipe.data.model_dump(mode="json"),
+        "sources": {
+            e.path: source_state(e.path) for e in recipe.data.train_sources() + recipe.data.validation_sources()
+        },
+        "tokenizer": tokenizer_state(tokenizer),
+        "template": tokenizer.chat_template,
+        "seq_len": recipe.train.seq_len,
+        "seed": recipe.train.seed,
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def build_datasets(
+    recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, cache_dir: Path
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Train and validation rows (`input_ids`, `assistant_masks`), written once to Arrow and memory-mapped."""
+    # Read the first few records now: a bad path, format or record is reported before anything is written.
+    for _ in islice(_conversations(recipe, recipe.data.train_sources(), InstructionStats()), 8):
+        pass
+    splits = []
+    for split in ("train", "validation"):
+        try:
+            ds = datasets.Dataset.from_generator(
+                _rows,
+                features=ROW_FEATURES,
+                cache_dir=str(cache_dir),
+                gen_kwargs={"recipe": recipe, "tokenizer": tokenizer, "split": split},
+                fingerprint=_fingerprint(recipe, tokenizer, split),
+            )
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if isinstance(exc.__cause__, UserError):
+                raise exc.__cause__ from None
+            raise
+        except datasets.exceptions.DatasetGenerationCastError:
+            ds = datasets.Dataset.from_dict({"input_ids": [], "assistant_masks": []}, features=ROW_FEATURES)
+        if len(ds) == 0:
+            raise UserError(
+                f"data: the {split} split has no conversation with an answer within train.seq_len="
+                f"{recipe.train.seq_len} tokens; add records or raise train.seq_len"
+            )
+        splits.append(ds)
+    return splits[0], splits[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+def lora_config(recipe: SFTRecipe, model: PreTrainedModel) -> LoraConfig:
+    """The recipe's LoRA settings, with target modules (and fused expert parameters) from the registry."""
+    lora, spec = recipe.sft.lora, arch_of(model.config)
+    modules = lora.target_modules if lora.target_modules is not None else list(spec.lora_modules if spec else [])
+    params = (
+        lora.target_parameters if lora.target_parameters is not None else list(spec.lora_parameters if spec else [])
+    )
+    if not modules and not params:
+        raise UserError(
+            f"sft.lora.target_modules: Seshu has no default targets for model type '{model.config.model_type}'; "
+            "name the modules to adapt"
+        )
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout if lora.dropout is not None else 0.0 if params else 0.05,
+        target_modules=modules or None,
+        target_parameters=params or None,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_every_target_trains(model: torch.nn.Module, config: LoraConfig) -> None:
+    """A LoRA target that matches nothing would silently train less than asked: make it an error."""
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
+    for target in config.target_modules or []:
+        if not any(f".{target}.lora_" in name for name in trainable):
+            raise UserError(f"sft.lora: the target module '{target}' matches nothing in the model")
+    # peft wraps the module holding a targeted parameter and remembers the parameter's name on the wrapper.
+    wrapped = {getattr(module, "parameter_name", None) for module in model.modules()}
+    for target in config.target_parameters or []:
+        if target.split(".")[-1] not in wrapped:
+            raise UserError(f"sft.lora: the target parameter '{target}' matches nothing in the model")
+
+
+def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
+    precision, method = recipe.train.precision, recipe.sft.method
+    if method != "qlora":
+        # LoRA keeps the frozen base in the training precision; full training keeps fp32 master weights.
+        dtype = "bfloat16" if precision == "bf16" and method == "lora" else "float32"
+        model, _ = load_causal_lm(path, dtype=dtype)
+        return model
+    compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
+    check_model_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            quantization_config=quantization,
+            dtype=compute,
+            device_map={"": default_device()},
+            use_safetensors=True,
+        )
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load the model in 4 bits: {str(exc).splitlines()[0]}") from None
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+
+def prepare_model(
+    recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, tokens_added: bool
+) -> PreTrainedModel | PeftModel:
+    """The base model, resized to the tokenizer when chat tokens were added, wrapped for the method."""
+    assert recipe.model.init_from is not None
+    base = _load_base(recipe, recipe.model.init_from)
+    if tokens_added:
+        base.resize_token_embeddings(len(tokenizer))
+    check_vocab_fits(tokenizer, embedding_rows(base), recipe.model.init_from)
+    if recipe.sft.method == "full":
+        return base
+    config = lora_config(recipe, base)
+    if tokens_added:
+        # New chat tokens start untrained: let LoRA train their embedding rows (and nothing else of the table).
+        new_ids = tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS))
+        config.trainable_token_indices = new_ids if isinstance(new_ids, list) else [new_ids]
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as exc:
+        raise UserError(f"sft.lora: {str(exc).splitlines()[0]}") from None
+    check_every_target_trains(model, config)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+def _load_tokenizer(recipe: SFTRecipe) -> tuple[PreTrainedTokenizerBase, bool]:
+    from seshu.data.instructions import ensure_chat_template
+
+    assert recipe.model.init_from is not None
+    tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.init_from)
+    added = ensure_chat_template(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, added
+
+
+def _card(recipe: SFTRecipe, result: SFTResult) -> str:
+    sources = [s.path for s in recipe.data.train_sources() + recipe.data.validation_sources()]
+    base = recipe.model.init_from
+    metadata: dict[str, Any] = {
+        "library_name": "peft" if recipe.sft.method != "full" else "transformers",
+        "base_model": base,
+        "pipeline_tag": "text-generation",
+        "tags": ["seshu", "sft", recipe.sft.method],
+        "seshu": {
+            "command": "sft",
+            "method": recipe.sft.method,
+            "trainable_parameters": result.trainable_parameters,
+            "total_parameters": result.total_parameters,
+            "steps": result.steps,
+            "metrics": result.metrics,
+            "inputs": describe_inputs([*sources, *([recipe.tokenizer.path] if recipe.tokenizer.path else [])]),
+            "base_model": describe_inputs([base])[:8] if base else [],
+            "recipe": recipe.model_dump(mode="json"),
+        },
+    }
+    loss = result.metrics.get("eval_loss")
+    what = "A LoRA adapter" if recipe.sft.method != "full" else "A model"
+    body = (
+        f"{what} fine-tuned from `{base}` with Seshu ({recipe.sft.method}, {result.steps} steps, "
+        f"{result.trainable_parameters:,} trainable parameters)."
+        + (f" Answer-only validation loss: {loss:.4f}." if loss is not None else "")
+    )
+    if recipe.sft.method != "full":
+        body += (
+            "\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), PATH)\n```\n"
+        )
+    return render_card(Path(recipe.output_dir).name, metadata, body)
+
+
+def run(recipe: SFTRecipe, *, resume: bool = False, callbacks: list[Any] | None = None) -> SFTResult:
+    """Fine-tune as the recipe says; returns where the adapter (or model) went and its validation metrics."""
+    if not recipe.model.init_from:
+        raise UserError("model.init_from: name the base model to fine-tune (a local directory or an HF id)")
+    out = Path(recipe.output_dir)
+    check_output_dir(out, resume)
+    check_environment(recipe.train, recipe.track)
+    if recipe.sft.method == "qlora":
+        check_environment(recipe.train.model_copy(update={"optimizer": "adamw_8bit"}), recipe.track)  # bitsandbytes
+    tokenizer, tokens_added = _load_tokenizer(recipe)
+    model = prepare_model(recipe, tokenizer, tokens_added)
+
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        train_ds, eval_ds = build_datasets(recipe, tokenizer, out / "data-cache")
+    except BaseException:
+        remove_if_created(out, created)
+        raise
+    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(
+        f"{recipe.sft.method}: {trainable:,} of {total:,} parameters train; "
+        f"{len(train_ds):,} conversations, {len(eval_ds):,} for validation",
+        flush=True,
+    )
+    args = SFTConfig(
+        **training_arguments(recipe.train, recipe.track, out, has_eval=True),
+        max_length=recipe.train.seq_len,
+        packing=recipe.sft.packing,
+        dataset_num_proc=None,
+    )
+    with tracking_env(recipe.track, out):
+        trainer = SeshuSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            callbacks=run_callbacks(out, recipe.train, callbacks),
+        )
+        train_resumably(trainer, out, resume)
+        metrics = final_metrics(trainer, has_eval=True)
+    result = SFTResult(out, metrics, trainable, total, trainer.state.global_step)
+    publish(trainer, tokenizer, _card(recipe, result), out)
+    return result

@@ -1,0 +1,154 @@
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from seshu.config import PretrainRecipe, SFTRecipe, load_recipe, validate
+from seshu.errors import UserError
+from seshu.train import pretrain, sft
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+TOPICS = ["river", "market", "school", "train", "festival", "garden", "library", "kitchen"]
+
+
+@pytest.fixture(scope="module")
+def alpaca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Alpaca records whose answers follow one learnable pattern, so a few steps lower the answer loss."""
+    records = [
+        {"instruction": f"Name the place in sentence {i}.", "input": f"We met at the {topic} today.", "output": topic}
+        for i, topic in enumerate(TOPICS * 8)
+    ]
+    path = tmp_path_factory.mktemp("sft-data") / "alpaca.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def base_model(root: Path, arch: str, overrides: str = "{}") -> Path:
+    out = root / f"base-{arch}-{len(overrides)}"
+    if not out.exists():
+        overrides = [f"output_dir={out}", "train.max_steps=4", f"model.arch={arch}", f"model.overrides={overrides}"]
+        pretrain.run(load_recipe(PretrainRecipe, RECIPES / "tiny" / "quickstart.yaml", overrides))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bases")
+
+
+def make_recipe(base: Path, records: Path, out: Path, **sections: Any) -> SFTRecipe:
+    raw: dict[str, Any] = {
+        "model": {"init_from": str(base)},
+        "data": {"train": str(records), "validation": 0.2},
+        "train": {
+            "seq_len": 64,
+            "batch_size": 8,
+            "max_steps": 16,
+            "lr": 1e-2,
+            "warmup_steps": 1,
+            "eval_every": 8,
+            "save_every": 16,
+            "log_every": 2,
+            "weight_decay": 0.0,
+        },
+        "output_dir": str(out),
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate(SFTRecipe, raw, "test recipe")
+
+
+def eval_losses(run: Path) -> list[float]:
+    entries = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [e["eval_loss"] for e in entries if "eval_loss" in e]
+
+
+def test_lora_lowers_answer_loss_and_the_adapter_loads_in_plain_peft(
+    tmp_path: Path, bases: Path, alpaca_file: Path
+) -> None:
+    base = base_model(bases, "llama")
+    out = tmp_path / "adapter"
+    recipe = make_recipe(base, alpaca_file, out, train={"eval_every": 4})
+    initial = sft.run(make_recipe(base, alpaca_file, tmp_path / "zero", train={"max_steps": 1, "lr": 1e-9}))
+    result = sft.run(recipe)
+    assert result.metrics["eval_loss"] < initial.metrics["eval_loss"] - 0.2
+    assert result.trainable_parameters < result.total_parameters / 2
+
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.glob("*.bin"))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Name the place in sentence 3.\n\nWe met at the school today."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape[1] > ids.shape[1]
+
+
+def test_every_default_target_of_each_arch_really_trains(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    for arch in ("llama", "mixtral", "mamba"):
+        out = tmp_path / arch
+        sft.run(make_recipe(base_model(bases, arch), alpaca_file, out, train={"max_steps": 4}))
+        weights = load_file(out / "adapter_model.safetensors")
+        config = json.loads((out / "adapter_config.json").read_text())
+        layers = 2  # every tiny preset has 2 layers
+        for target in config["target_modules"] or []:
+            b = [w for name, w in weights.items() if f".{target}.lora_B" in name]
+            assert len(b) == layers, f"{arch}: {target} has {len(b)} LoRA B matrices"
+            assert all(w.abs().sum() > 0 for w in b), f"{arch}: {target} did not move from its zero start"
+        # Fused expert parameters: peft wraps `experts` once per targeted parameter.
+        experts = [w for name, w in weights.items() if ".experts." in name and "lora_B" in name]
+        assert len(experts) == layers * len(config.get("target_parameters") or [])
+        assert all(w.abs().sum() > 0 for w in experts)
+
+
+def test_qlora_trains_on_the_cpu(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    # bitsandbytes' CPU 4-bit kernels want every projection's output width to be a multiple of 32.
+    overrides = "{hidden_size: 128, intermediate_size: 256, num_attention_heads: 2, num_key_value_heads: 1}"
+    wide = base_model(bases, "llama", overrides)
+    result = sft.run(make_recipe(wide, alpaca_file, tmp_path / "q", sft={"method": "qlora"}, train={"max_steps": 4}))
+    assert torch.isfinite(torch.tensor(result.metrics["eval_loss"]))
+    config = json.loads((tmp_path / "q" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+
+
+def test_full_fine_tuning_writes_a_model(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    out = tmp_path / "full"
+    result = sft.run(
+        make_recipe(
+            base_model(bases, "llama"), alpaca_file, out, sft={"method": "full"}, train={"max_steps": 4, "lr": 1e-3}
+        )
+    )
+    assert result.trainable_parameters == result.total_parameters
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"sft": {"lora": {"target_modules": ["no_such_proj"]}}}, "no_such_proj"),
+        ({"data": {"format": "klingon"}}, "unknown instruction format"),
+        ({"data": {"train": "missing.json"}}, "missing.json"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path, bases: Path, alpaca_file: Path, sections: dict[str, Any], message: str
+) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+        sft.run(make_recipe(base_model(bases, "llama"), alpaca_file, out, **sections))
+    assert not out.exists()
+
+
+def test_a_base_model_is_required(tmp_path: Path) -> None:
+    recipe = validate(SFTRecipe, {"data": {"train": "a.json"}, "output_dir": str(tmp_path / "o")}, "r")
+    with pytest.raises(UserError, match=r"model\.init_from"):
+        sft.run(recipe)
