@@ -58,3 +58,12 @@ def test_other_commands_report_missing_inputs(tmp_path: Path) -> None:
         result = seshu(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+
+
+def test_out_is_a_path_even_when_it_reads_as_yaml() -> None:
+    from seshu.cli.common import recipe_overrides
+    from seshu.config import apply_overrides
+
+    for out in ("123", "true", "2024-01-01"):
+        raw = apply_overrides({}, recipe_overrides([], Path(out)))
+        assert raw["output_dir"] == out

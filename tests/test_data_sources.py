@@ -232,3 +232,9 @@ def test_read_records_refuses_flat_text_and_empty_input(tmp_path: Path, monkeypa
         list(read_records(str(empty)))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_list([{"q": "z"}]))
     assert list(read_records("someone/data")) == [SourceRecord("someone/data", "someone/data, record 1", {"q": "z"})]
+
+
+def test_packaged_files_are_readable_by_their_seshu_name() -> None:
+    from seshu.data.sources import read_documents
+
+    assert next(read_documents("seshu:corpus/hi.txt"))

@@ -163,3 +163,25 @@ def test_missing_optional_packages_are_named_up_front(
     with pytest.raises(UserError, match=r"track.report_to: mlflow is not installed \(pip install 'seshu\[track\]'\)"):
         pretrain.run(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_says_so_instead_of_training_past_max_steps(
+    tmp_path: Path, corpus_files: list[str], tiny_tokenizer_dir: Path
+) -> None:
+    out = tmp_path / "done"
+    pretrain.run(make_recipe(out, corpus_files, tiny_tokenizer_dir, train={"max_steps": 4, "save_every": 4}))
+    with pytest.raises(UserError, match=r"already trained to step 4 \(train.max_steps=4\)"):
+        pretrain.run(
+            make_recipe(out, corpus_files, tiny_tokenizer_dir, train={"max_steps": 4, "save_every": 4}), resume=True
+        )
+    more = pretrain.run(
+        make_recipe(out, corpus_files, tiny_tokenizer_dir, train={"max_steps": 6, "save_every": 4}), resume=True
+    )
+    assert more.steps == 6
+
+
+def test_a_misspelt_override_fails_before_the_tokenizer_is_trained(tmp_path: Path, corpus_files: list[str]) -> None:
+    recipe = make_recipe(tmp_path / "run", corpus_files, model={"overrides": {"hiden_size": 8}})
+    with pytest.raises(UserError, match="'hiden_size' is not a field of LlamaConfig"):
+        pretrain.run(recipe)
+    assert not (tmp_path / "run").exists()

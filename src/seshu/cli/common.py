@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -18,7 +19,8 @@ RESUME = typer.Option(False, "--resume", help="Continue from the last checkpoint
 
 def recipe_overrides(overrides: list[str], out: Path | None) -> list[str]:
     """The --set assignments, with --out as one more."""
-    return [*overrides, f"output_dir={out}"] if out else overrides
+    # JSON-quoted: --set values are YAML, and a folder named 123 or true must stay a string.
+    return [*overrides, f"output_dir={json.dumps(str(out))}"] if out else overrides
 
 
 def quiet_libraries() -> None:

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from seshu import assets
 from seshu.config import SourceEntry
 from seshu.errors import UserError
 
@@ -46,13 +47,18 @@ def read_documents(
     hold it in `text_field`. The path is checked (and a dataset id loaded) at call time, so a wrong path fails
     before any work starts; the documents themselves are read lazily.
     """
-    local = Path(path).expanduser()
+    local = _local(path)
     if local.exists():
         files = _corpus_files(local)
         documents = _files_documents(files, text_field)
     else:
         documents = _hub_documents(path, text_field, split=split, name=name, streaming=streaming)
     return _require_text(documents, path)
+
+
+def _local(path: str) -> Path:
+    """`path` as a local path; `seshu:NAME` names a file shipped in the package (the sample corpus)."""
+    return Path(assets.resolve(path)).expanduser()
 
 
 def source_documents(entry: SourceEntry, streaming: bool) -> Iterator[str]:
@@ -64,7 +70,7 @@ def source_documents(entry: SourceEntry, streaming: bool) -> Iterator[str]:
 
 def corpus_files(path: str) -> list[Path] | None:
     """The files `read_documents(path)` would read, or None when `path` is not local (a dataset id)."""
-    local = Path(path).expanduser()
+    local = _local(path)
     return _corpus_files(local) if local.exists() else None
 
 
@@ -92,7 +98,7 @@ def read_records(
     As in `read_documents`, the path is checked at call time and the records are read lazily, one line,
     record or Parquet batch at a time; malformed JSON, bad UTF-8 or a path without records is a `UserError`.
     """
-    local = Path(path).expanduser()
+    local = _local(path)
     if local.exists():
         records = _files_records(_corpus_files(local, RECORD_SUFFIXES, "records"))
     else:

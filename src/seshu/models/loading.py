@@ -50,6 +50,8 @@ def load_causal_lm(
     path: str, *, dtype: str | None = None, device: str | None = None, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, safetensors only, in eval mode."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
     check_model_dir(path)
     tokenizer = load_tokenizer(path)
     torch_dtype = DTYPES[dtype] if dtype else "auto"

@@ -215,6 +215,13 @@ def get_preset_arch(arch: str, preset: str) -> ArchSpec:
     return spec
 
 
+def check_overrides(spec: ArchSpec, overrides: dict[str, Any] | None) -> None:
+    """Configs accept any keyword silently, so a typo would be ignored: compare with the class's own fields."""
+    unknown = sorted(set(overrides or {}) - set(spec.config_class().to_dict()))
+    if unknown:
+        raise UserError(f"model.overrides: '{unknown[0]}' is not a field of {spec.config_class.__name__}")
+
+
 def build_config(
     arch: str,
     preset: str,
@@ -231,10 +238,7 @@ def build_config(
     if spec.context_field:
         fields[spec.context_field] = context_length
     fields.update(overrides or {})
-    # Configs accept any keyword silently, so a typo would be ignored: compare with the class's own fields.
-    unknown = sorted(set(overrides or {}) - set(spec.config_class().to_dict()))
-    if unknown:
-        raise UserError(f"model.overrides: '{unknown[0]}' is not a field of {spec.config_class.__name__}")
+    check_overrides(spec, overrides)
     try:
         config = spec.config_class(**fields)
     except (TypeError, ValueError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -156,6 +157,13 @@ def train_resumably(trainer: Trainer, out: Path, resume: bool) -> None:
     """Train from the last checkpoint when resuming (from scratch when there is none yet)."""
     trainer.remove_callback(PrinterCallback)
     checkpoint = get_last_checkpoint(str(out / CHECKPOINTS)) if resume and (out / CHECKPOINTS).is_dir() else None
+    if checkpoint:
+        done = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+        if done >= trainer.args.max_steps:
+            raise UserError(
+                f"{out}: already trained to step {done} (train.max_steps={trainer.args.max_steps}); "
+                "raise train.max_steps to train further"
+            )
     if resume:
         print(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting afresh", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)

@@ -18,7 +18,7 @@ from seshu.data.pipeline import build_block_datasets, training_documents
 from seshu.hub.card import describe_inputs, render_card
 from seshu.io import write_text_atomic
 from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
-from seshu.models.registry import build_config, build_model, count_parameters, get_preset_arch
+from seshu.models.registry import build_config, build_model, check_overrides, count_parameters, get_preset_arch
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from seshu.train.common import (
     LanguageModelLossMixin,
@@ -137,9 +137,11 @@ def run(
     out = Path(recipe.output_dir)
     check_output_dir(out, resume)
     check_environment(recipe.train, recipe.track)
-    if not recipe.model.init_from:
-        get_preset_arch(recipe.model.arch, recipe.model.preset)  # before minutes of tokenizer training
+    if not recipe.model.init_from:  # checked before minutes of tokenizer training
+        check_overrides(get_preset_arch(recipe.model.arch, recipe.model.preset), recipe.model.overrides)
     tokenizer, trained_tokenizer = _prepare_tokenizer(recipe, out)
+    if not recipe.model.init_from:
+        tokenizer.model_max_length = recipe.train.seq_len  # the context the new model is trained for
     model = prepare_model(recipe, tokenizer)
 
     created = not out.exists()
