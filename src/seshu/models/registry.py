@@ -34,6 +34,8 @@ class ArchSpec:
     # Default LoRA targets (module names, and fused 3-D parameters that are not nn.Linear).
     lora_modules: tuple[str, ...] = ()
     lora_parameters: tuple[str, ...] = ()
+    # Linear layers QLoRA must leave unquantized: the model reads their weights directly, not through a call.
+    qlora_skip_modules: tuple[str, ...] = ()
     # Name of the config field holding the context length (state-space models have none).
     context_field: str | None = "max_position_embeddings"
 
@@ -149,6 +151,7 @@ ARCHS: dict[str, ArchSpec] = {
         # peft refuses out_proj and conv1d, and a LoRA on dt_proj is skipped by the CPU forward pass yet folded
         # by merge_and_unload, so only in_proj and x_proj train and fold faithfully.
         lora_modules=("in_proj", "x_proj"),
+        qlora_skip_modules=("dt_proj",),  # its forward computes `dt_proj.weight @ x`
         context_field=None,
     ),
     "mamba2": ArchSpec(

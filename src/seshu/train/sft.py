@@ -18,7 +18,7 @@ from typing import Any
 import datasets
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
 from seshu.config import SFTRecipe, SourceEntry, dump_recipe
@@ -29,7 +29,7 @@ from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, render_card
 from seshu.io import write_text_atomic
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
-from seshu.models.registry import arch_of
+from seshu.models.registry import ARCHS, arch_of
 from seshu.tokenizer import CHAT_TOKENS, load_tokenizer
 from seshu.train.common import (
     LanguageModelLossMixin,
@@ -190,8 +190,11 @@ def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
         model, _ = load_causal_lm(path, dtype=dtype)
         return model
     compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
+    spec = ARCHS.get(AutoConfig.from_pretrained(path).model_type)
+    skip = [*spec.qlora_skip_modules, "lm_head"] if spec and spec.qlora_skip_modules else None
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
+        llm_int8_skip_modules=skip,  # (despite the name, also what 4-bit loading leaves alone)
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
