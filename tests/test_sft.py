@@ -161,3 +161,23 @@ def test_a_base_model_is_required(tmp_path: Path) -> None:
     recipe = validate(SFTRecipe, {"data": {"train": "a.json"}, "output_dir": str(tmp_path / "o")}, "r")
     with pytest.raises(UserError, match=r"model\.init_from"):
         sft.run(recipe)
+
+
+def test_packing_keeps_samples_apart_and_trains(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    base = base_model(bases, "llama")
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    first, second = torch.arange(5, 15)[None], torch.arange(40, 47)[None]
+    positions = torch.cat([torch.arange(10), torch.arange(7)])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat([first, second], 1), position_ids=positions).logits[0, 10:]
+        alone = model(input_ids=second).logits[0]
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+
+    result = sft.run(make_recipe(base, alpaca_file, tmp_path / "packed", sft={"packing": True}, train={"max_steps": 4}))
+    assert torch.isfinite(torch.tensor(result.metrics["eval_loss"]))
+
+
+def test_packing_is_refused_for_state_space_models(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    with pytest.raises(UserError, match="carries its state"):
+        sft.run(make_recipe(base_model(bases, "mamba"), alpaca_file, tmp_path / "p", sft={"packing": True}))
+    assert not (tmp_path / "p").exists()

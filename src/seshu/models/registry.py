@@ -34,6 +34,9 @@ class ArchSpec:
     # Default LoRA targets (module names, and fused 3-D parameters that are not nn.Linear).
     lora_modules: tuple[str, ...] = ()
     lora_parameters: tuple[str, ...] = ()
+    # Whether samples packed into one row stay apart (attention masks by position ids); a state-space model
+    # carries its state from one packed sample into the next.
+    packs_apart: bool = True
     # Linear layers QLoRA must leave unquantized: the model reads their weights directly, not through a call.
     qlora_skip_modules: tuple[str, ...] = ()
     # Name of the config field holding the context length (state-space models have none).
@@ -152,6 +155,7 @@ ARCHS: dict[str, ArchSpec] = {
         # by merge_and_unload, so only in_proj and x_proj train and fold faithfully.
         lora_modules=("in_proj", "x_proj"),
         qlora_skip_modules=("dt_proj",),  # its forward computes `dt_proj.weight @ x`
+        packs_apart=False,
         context_field=None,
     ),
     "mamba2": ArchSpec(
@@ -185,6 +189,7 @@ ARCHS: dict[str, ArchSpec] = {
         },
         fixed=dict(tie_word_embeddings=True, expand=2),
         lora_modules=("in_proj",),
+        packs_apart=False,
         context_field=None,
     ),
     "phi": ArchSpec(

@@ -223,6 +223,12 @@ def prepare_model(
     if tokens_added:
         base.resize_token_embeddings(len(tokenizer))
     check_vocab_fits(tokenizer, embedding_rows(base), recipe.model.init_from)
+    spec = arch_of(base.config)
+    if recipe.sft.packing and spec is not None and not spec.packs_apart:
+        raise UserError(
+            f"sft.packing: a {spec.name} model carries its state from one packed sample into the next; "
+            "set sft.packing: false"
+        )
     if recipe.sft.method == "full":
         return base
     config = lora_config(recipe, base)
