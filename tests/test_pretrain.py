@@ -185,3 +185,23 @@ def test_a_misspelt_override_fails_before_the_tokenizer_is_trained(tmp_path: Pat
     with pytest.raises(UserError, match="'hiden_size' is not a field of LlamaConfig"):
         pretrain.run(recipe)
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_continued_pretraining_writes_an_adapter_that_folds(tmp_path: Path, corpus_files: list[str]) -> None:
+    from peft import PeftModel
+
+    from seshu.merge.fold import fold_adapter
+
+    base = pretrain.run(make_recipe(tmp_path / "base", corpus_files, train={"max_steps": 6})).output_dir
+    out = tmp_path / "cpt"
+    recipe = make_recipe(out, corpus_files, model={"init_from": str(base)}, lora={"r": 4}, train={"max_steps": 8})
+    result = pretrain.run(recipe)
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
+    folded = tmp_path / "folded"
+    fold_adapter(str(base), str(out), folded, dtype="float32")
+    assert AutoModelForCausalLM.from_pretrained(folded).config.model_type == "llama"
+    assert result.metrics["eval_perplexity"] > 0
+
+    with pytest.raises(UserError, match=r"lora: LoRA continued pretraining needs model\.init_from"):
+        pretrain.run(make_recipe(tmp_path / "x", corpus_files, lora={"r": 4}))

@@ -138,23 +138,6 @@ class TrackSection(_Strict):
     tracking_uri: str | None = None
 
 
-class PretrainRecipe(_Strict):
-    model: ModelSection = Field(default_factory=ModelSection)
-    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
-    track: TrackSection = Field(default_factory=TrackSection)
-    output_dir: str = "runs/pretrain"
-
-
-class InstructionDataSection(_SplitSources):
-    """Instruction records for fine-tuning (see `seshu.data.instructions` for the formats)."""
-
-    format: str = "auto"
-    on_error: Literal["raise", "skip"] = "raise"
-    max_records: int | None = Field(None, ge=1)
-
-
 class LoraSection(_Strict):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, gt=0)
@@ -165,6 +148,25 @@ class LoraSection(_Strict):
     target_parameters: list[str] | None = None
     use_dora: bool = False
     use_rslora: bool = False
+
+
+class PretrainRecipe(_Strict):
+    model: ModelSection = Field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    track: TrackSection = Field(default_factory=TrackSection)
+    # Continued pretraining of `model.init_from` through LoRA adapters instead of all weights.
+    lora: LoraSection | None = None
+    output_dir: str = "runs/pretrain"
+
+
+class InstructionDataSection(_SplitSources):
+    """Instruction records for fine-tuning (see `seshu.data.instructions` for the formats)."""
+
+    format: str = "auto"
+    on_error: Literal["raise", "skip"] = "raise"
+    max_records: int | None = Field(None, ge=1)
 
 
 class SFTSection(_Strict):

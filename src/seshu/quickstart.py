@@ -10,6 +10,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import PreTrainedModel
+
 from seshu import assets
 from seshu.config import PretrainRecipe, load_recipe
 from seshu.data.pipeline import training_documents, validation_documents
@@ -60,6 +62,7 @@ def run(workdir: Path, *, max_steps: int | None = None) -> QuickstartResult:
 
     print(f"[2/5] perplexity of the untrained model on {len(validation)} held-out documents", flush=True)
     untrained = pretrain.prepare_model(recipe, tokenizer)
+    assert isinstance(untrained, PreTrainedModel)  # a fresh model: the quickstart recipe has no LoRA
     before = sum_totals(evaluate_perplexity(untrained, tokenizer, validation)).perplexity
     print(f"      {before:.1f}", flush=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -267,6 +268,6 @@ def arch_of(config: PretrainedConfig) -> ArchSpec | None:
     return ARCHS.get(config.model_type)
 
 
-def count_parameters(model: PreTrainedModel) -> int:
+def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from seshu.config import PretrainRecipe, dump_recipe
 from seshu.data.pipeline import build_block_datasets, training_documents
+from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, render_card
 from seshu.io import write_text_atomic
 from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
@@ -33,6 +35,7 @@ from seshu.train.common import (
     train_resumably,
     training_arguments,
 )
+from seshu.train.lora import apply_lora
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -77,12 +80,12 @@ def _prepare_tokenizer(recipe: PretrainRecipe, out: Path) -> tuple[PreTrainedTok
     return tokenizer, True
 
 
-def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
     """The model training starts from: `init_from` loaded, or a fresh one seeded with `train.seed`."""
     if recipe.model.init_from:
         model, _ = load_causal_lm(recipe.model.init_from, dtype="float32")
         check_vocab_fits(tokenizer, embedding_rows(model), recipe.model.init_from)
-        return model
+        return apply_lora(model, recipe.lora, "lora") if recipe.lora else model
     config = build_config(
         recipe.model.arch,
         recipe.model.preset,
@@ -94,7 +97,7 @@ def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) ->
     return build_model(config, seed=recipe.train.seed)
 
 
-def _card(recipe: PretrainRecipe, model: PreTrainedModel, metrics: dict[str, float], steps: int) -> str:
+def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: dict[str, float], steps: int) -> str:
     sources = [s.path for s in recipe.data.train_sources() + recipe.data.validation_sources()]
     if recipe.tokenizer.path:
         sources.append(recipe.tokenizer.path)
@@ -137,6 +140,8 @@ def run(
     out = Path(recipe.output_dir)
     check_output_dir(out, resume)
     check_environment(recipe.train, recipe.track)
+    if recipe.lora and not recipe.model.init_from:
+        raise UserError("lora: LoRA continued pretraining needs model.init_from, the model to adapt")
     if not recipe.model.init_from:  # checked before minutes of tokenizer training
         check_overrides(get_preset_arch(recipe.model.arch, recipe.model.preset), recipe.model.overrides)
     tokenizer, trained_tokenizer = _prepare_tokenizer(recipe, out)

@@ -17,7 +17,7 @@ from typing import Any
 
 import datasets
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
@@ -43,6 +43,7 @@ from seshu.train.common import (
     train_resumably,
     training_arguments,
 )
+from seshu.train.lora import apply_lora
 
 ROW_FEATURES = datasets.Features(
     {"input_ids": datasets.List(datasets.Value("int32")), "assistant_masks": datasets.List(datasets.Value("int8"))}
@@ -144,44 +145,6 @@ def build_datasets(
 # Model
 
 
-def lora_config(recipe: SFTRecipe, model: PreTrainedModel) -> LoraConfig:
-    """The recipe's LoRA settings, with target modules (and fused expert parameters) from the registry."""
-    lora, spec = recipe.sft.lora, arch_of(model.config)
-    modules = lora.target_modules if lora.target_modules is not None else list(spec.lora_modules if spec else [])
-    params = (
-        lora.target_parameters if lora.target_parameters is not None else list(spec.lora_parameters if spec else [])
-    )
-    if not modules and not params:
-        raise UserError(
-            f"sft.lora.target_modules: Seshu has no default targets for model type '{model.config.model_type}'; "
-            "name the modules to adapt"
-        )
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout if lora.dropout is not None else 0.0 if params else 0.05,
-        target_modules=modules or None,
-        target_parameters=params or None,
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def check_every_target_trains(model: torch.nn.Module, config: LoraConfig) -> None:
-    """A LoRA target that matches nothing would silently train less than asked: make it an error."""
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad and "lora_" in name]
-    for target in config.target_modules or []:
-        if not any(f".{target}.lora_" in name for name in trainable):
-            raise UserError(f"sft.lora: the target module '{target}' matches nothing in the model")
-    # peft wraps the module holding a targeted parameter and remembers the parameter's name on the wrapper.
-    wrapped = {getattr(module, "parameter_name", None) for module in model.modules()}
-    for target in config.target_parameters or []:
-        if target.split(".")[-1] not in wrapped:
-            raise UserError(f"sft.lora: the target parameter '{target}' matches nothing in the model")
-
-
 def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
     precision, method = recipe.train.precision, recipe.sft.method
     if method != "qlora":
@@ -231,17 +194,9 @@ def prepare_model(
         )
     if recipe.sft.method == "full":
         return base
-    config = lora_config(recipe, base)
-    if tokens_added:
-        # New chat tokens start untrained: let LoRA train their embedding rows (and nothing else of the table).
-        new_ids = tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS))
-        config.trainable_token_indices = new_ids if isinstance(new_ids, list) else [new_ids]
-    try:
-        model = get_peft_model(base, config)
-    except ValueError as exc:
-        raise UserError(f"sft.lora: {str(exc).splitlines()[0]}") from None
-    check_every_target_trains(model, config)
-    return model
+    # New chat tokens start untrained: LoRA then also trains their embedding rows (and no other row).
+    new_ids = tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS)) if tokens_added else None
+    return apply_lora(base, recipe.sft.lora, "sft.lora", new_token_ids=new_ids)
 
 
 # ------------------------------------------------------------------------------------------------
