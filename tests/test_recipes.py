@@ -4,33 +4,95 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoModelForCausalLM
 
-from seshu.config import PretrainRecipe, load_recipe
-from seshu.train import pretrain
+from seshu.config import PretrainRecipe, SFTRecipe, load_recipe
+from seshu.merge.fold import fold_adapter
+from seshu.train import pretrain, sft
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-TINY = sorted(p.name for p in (RECIPES / "tiny").glob("*.yaml"))
+SFT_RECIPES = {"bloom-alpaca-lora.yaml", "baraat-hindi.yaml"}
+TINY_PRETRAIN = sorted(p.name for p in (RECIPES / "tiny").glob("*.yaml") if p.name not in SFT_RECIPES)
+
+
+def kind(name: str) -> type[PretrainRecipe] | type[SFTRecipe]:
+    return SFTRecipe if name in SFT_RECIPES else PretrainRecipe
+
+
+def losses(run: Path, key: str = "loss") -> list[float]:
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    return [e[key] for e in log if key in e]
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_real_scale_recipes_validate_and_document_their_command(path: Path) -> None:
-    load_recipe(PretrainRecipe, path)
-    header = path.read_text(encoding="utf-8").splitlines()[:12]
-    assert any("seshu pretrain --config recipes/" in line for line in header)
+    load_recipe(kind(path.name), path)
+    header = path.read_text(encoding="utf-8").splitlines()[:14]
+    command = "seshu sft --config recipes/" if path.name in SFT_RECIPES else "seshu pretrain --config recipes/"
+    assert any(command in line for line in header)
     assert (RECIPES / "tiny" / path.name).is_file(), "every recipe has a tiny variant"
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_tiny_variants_train_and_lower_the_loss(name: str, tmp_path: Path) -> None:
-    recipe = load_recipe(PretrainRecipe, RECIPES / "tiny" / name, [f"output_dir={tmp_path / 'run'}"])
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("base") / "tiny-quickstart"
+    pretrain.run(load_recipe(PretrainRecipe, RECIPES / "tiny" / "quickstart.yaml", [f"output_dir={out}"]))
+    return out
+
+
+@pytest.mark.parametrize("name", TINY_PRETRAIN)
+def test_tiny_pretraining_variants_train_and_lower_the_loss(name: str, tmp_path: Path, tiny_base: Path) -> None:
+    overrides = [f"output_dir={tmp_path / 'run'}"]
+    recipe = load_recipe(PretrainRecipe, RECIPES / "tiny" / name, overrides)
+    if recipe.model.init_from:
+        recipe = load_recipe(PretrainRecipe, RECIPES / "tiny" / name, [*overrides, f"model.init_from={tiny_base}"])
     real = load_recipe(PretrainRecipe, RECIPES / name)
+    assert recipe.model.arch == real.model.arch
     if recipe.track.report_to != "none":
         pytest.importorskip(recipe.track.report_to)  # the `track` extra (part of `dev`)
-    assert recipe.model.arch == real.model.arch
     result = pretrain.run(recipe)
-    log = [json.loads(line) for line in (result.output_dir / "train_log.jsonl").read_text().splitlines()]
-    losses = [e["loss"] for e in log if "loss" in e]
-    assert losses[-1] < losses[0]
+    steps = losses(result.output_dir)
+    assert steps[-1] < steps[0]
     assert result.steps == recipe.train.max_steps
     if recipe.track.report_to == "mlflow":
         assert (result.output_dir / "mlflow.db").stat().st_size > 0
+
+
+def test_tiny_bloom_alpaca_lora_lowers_the_answer_loss(tmp_path: Path, tiny_base: Path) -> None:
+    recipe = load_recipe(
+        SFTRecipe,
+        RECIPES / "tiny" / "bloom-alpaca-lora.yaml",
+        [f"output_dir={tmp_path / 'run'}", f"model.init_from={tiny_base}"],
+    )
+    result = sft.run(recipe)
+    steps = losses(result.output_dir)
+    assert sum(steps[-3:]) < sum(steps[:3]), steps
+    assert (result.output_dir / "adapter_model.safetensors").is_file()
+
+
+def test_the_tiny_baraat_pipeline_runs_end_to_end(tmp_path: Path, tiny_base: Path) -> None:
+    """Continued pretraining with LoRA -> fold -> one LoRA expert per task -> fold each, as the recipe says."""
+    cpt = pretrain.run(
+        load_recipe(
+            PretrainRecipe,
+            RECIPES / "tiny" / "baraat-hindi-cpt.yaml",
+            [f"output_dir={tmp_path / 'cpt'}", f"model.init_from={tiny_base}"],
+        )
+    )
+    hindi_base = tmp_path / "base"
+    fold_adapter(str(tiny_base), str(cpt.output_dir), hindi_base, dtype="float32")
+    for task in ("translation", "instruct", "qa", "reasoning"):
+        expert = sft.run(
+            load_recipe(
+                SFTRecipe,
+                RECIPES / "tiny" / "baraat-hindi.yaml",
+                [
+                    f"output_dir={tmp_path / task}-lora",
+                    f"model.init_from={hindi_base}",
+                    f"data.train=seshu:instructions/{task}.jsonl",
+                    "train.max_steps=2",
+                ],
+            )
+        )
+        fold_adapter(str(hindi_base), str(expert.output_dir), tmp_path / task, dtype="float32")
+        assert AutoModelForCausalLM.from_pretrained(tmp_path / task).config.model_type == "llama"

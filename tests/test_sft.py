@@ -181,3 +181,9 @@ def test_packing_is_refused_for_state_space_models(tmp_path: Path, bases: Path, 
     with pytest.raises(UserError, match="carries its state"):
         sft.run(make_recipe(base_model(bases, "mamba"), alpaca_file, tmp_path / "p", sft={"packing": True}))
     assert not (tmp_path / "p").exists()
+
+
+def test_answers_cut_off_by_seq_len_are_reported(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    with pytest.raises(UserError, match=r"no conversation with an answer within train\.seq_len=8"):
+        sft.run(make_recipe(base_model(bases, "llama"), alpaca_file, tmp_path / "short", train={"seq_len": 8}))
+    assert not (tmp_path / "short").exists()

@@ -130,7 +130,9 @@ def build_datasets(
             if isinstance(exc.__cause__, UserError):
                 raise exc.__cause__ from None
             raise
-        except datasets.exceptions.DatasetGenerationCastError:
+        except ValueError as exc:  # how `datasets` says a generator yielded no row
+            if "corresponds to no data" not in str(exc):
+                raise
             ds = datasets.Dataset.from_dict({"input_ids": [], "assistant_masks": []}, features=ROW_FEATURES)
         if len(ds) == 0:
             raise UserError(
