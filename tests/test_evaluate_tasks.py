@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from helpers import save_bpe_tokenizer
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
@@ -37,7 +37,6 @@ from seshu.evaluate.tasks import (
 )
 from seshu.models.registry import build_config, build_model
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "Translate to Hindi: the river carries songs to the sea.",
     "Question: what is the capital of France? Answer: Paris",
@@ -144,27 +143,7 @@ def test_prompt_templates() -> None:
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Byte-level BPE of 320 tokens with the ChatML tokens but no chat template."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=SPECIALS[4:],
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    wrapped.save_pretrained(str(out))
-    return out
+    return save_bpe_tokenizer(CORPUS, tmp_path_factory.mktemp("tokenizer"), vocab_size=320, chat_tokens=True)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import save_bpe_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
@@ -29,7 +29,6 @@ from seshu.merge.fold import (
 )
 from seshu.models.registry import ARCHS, build_config, build_model
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CORPUS = ["the cat sat on the mat.", "a small model is still a model.", "नमस्ते दुनिया, आज मौसम अच्छा है।"] * 4
 IDS = torch.tensor([[1, 40, 41, 42, 43, 60, 70, 80, 90, 100, 120, 130]])  # any ids below the vocabulary size
 Q_LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
@@ -37,22 +36,7 @@ Q_LORA_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    wrapped.save_pretrained(str(out))
-    return out
+    return save_bpe_tokenizer(CORPUS, tmp_path_factory.mktemp("tokenizer"), vocab_size=300, chat_tokens=False)
 
 
 def save_base(arch: str, tokenizer_dir: Path, out: Path, **overrides: Any) -> Path:

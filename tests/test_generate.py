@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import torch
 import typer
+from helpers import save_bpe_tokenizer
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     GenerationMixin,
@@ -38,7 +38,6 @@ from seshu.generate import (
 from seshu.models.registry import ARCHS, build_config, build_model
 from seshu.tokenizer import DEFAULT_CHAT_TEMPLATE
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
     "hello world, the cat sat on the mat.",
     "a small model can still be a useful one.",
@@ -53,28 +52,7 @@ GREEDY = SamplingOptions(max_new_tokens=NEW_TOKENS, temperature=0, repetition_pe
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~300-token byte-level BPE tokenizer with ChatML tokens but no chat template of its own."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        extra_special_tokens=SPECIALS[4:],
-        clean_up_tokenization_spaces=False,
-    )
-    out = tmp_path_factory.mktemp("tokenizer")
-    wrapped.save_pretrained(str(out))
-    return out
+    return save_bpe_tokenizer(CORPUS, tmp_path_factory.mktemp("tokenizer"), vocab_size=300, chat_tokens=True)
 
 
 def _save_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
