@@ -187,3 +187,13 @@ def test_answers_cut_off_by_seq_len_are_reported(tmp_path: Path, bases: Path, al
     with pytest.raises(UserError, match=r"no conversation with an answer within train\.seq_len=8"):
         sft.run(make_recipe(base_model(bases, "llama"), alpaca_file, tmp_path / "short", train={"seq_len": 8}))
     assert not (tmp_path / "short").exists()
+
+
+def test_qlora_on_a_cpu_names_a_layer_its_kernels_cannot_take(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    if torch.cuda.is_available():
+        pytest.skip("the width limit is the CPU kernels'")
+    base = base_model(bases, "llama")  # the tiny preset: 172-wide MLP
+    with pytest.raises(UserError, match=r"multiples of 32, but .*mlp\.gate_proj has 172"):
+        sft.run(make_recipe(base, alpaca_file, tmp_path / "q", sft={"method": "qlora"}))
+    assert not (tmp_path / "q").exists()

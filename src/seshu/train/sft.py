@@ -176,7 +176,22 @@ def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load the model in 4 bits: {str(exc).splitlines()[0]}") from None
+    if default_device() == "cpu":
+        _check_cpu_4bit_widths(model, path)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+
+
+def _check_cpu_4bit_widths(model: PreTrainedModel, path: str) -> None:
+    """bitsandbytes' CPU 4-bit kernels pack weights in blocks of 32 output rows and assert on any other width,
+    mid-training; say so before training starts instead."""
+    import bitsandbytes as bnb
+
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.out_features % 32:
+            raise UserError(
+                f"sft.method: qlora on a CPU needs layer widths that are multiples of 32, but {path}'s {name} has "
+                f"{module.out_features}; use sft.method: lora here, or qlora on a GPU"
+            )
 
 
 def prepare_model(
