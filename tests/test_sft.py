@@ -197,3 +197,28 @@ def test_qlora_on_a_cpu_names_a_layer_its_kernels_cannot_take(tmp_path: Path, ba
     with pytest.raises(UserError, match=r"multiples of 32, but .*mlp\.gate_proj has 172"):
         sft.run(make_recipe(base, alpaca_file, tmp_path / "q", sft={"method": "qlora"}))
     assert not (tmp_path / "q").exists()
+
+
+def test_dora_and_rslora_switches_reach_the_adapter(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    out = tmp_path / "dora"
+    lora = {"use_dora": True, "use_rslora": True}
+    sft.run(make_recipe(base_model(bases, "llama"), alpaca_file, out, sft={"lora": lora}, train={"max_steps": 2}))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["use_rslora"] is True
+    assert any("lora_magnitude_vector" in name for name in load_file(out / "adapter_model.safetensors"))
+
+
+def test_an_interrupted_fine_tune_resumes(tmp_path: Path, bases: Path, alpaca_file: Path) -> None:
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 6:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    recipe = make_recipe(base_model(bases, "llama"), alpaca_file, out, train={"max_steps": 8, "save_every": 4})
+    with pytest.raises(KeyboardInterrupt):
+        sft.run(recipe, callbacks=[Crash()])
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    assert sft.run(recipe, resume=True).steps == 8
