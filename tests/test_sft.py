@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seshu.config import PretrainRecipe, SFTRecipe, load_recipe, validate
 from seshu.errors import UserError
+from seshu.hub.card import read_card_metadata
 from seshu.train import pretrain, sft
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -80,6 +81,9 @@ def test_lora_lowers_answer_loss_and_the_adapter_loads_in_plain_peft(
     assert result.trainable_parameters < result.total_parameters / 2
 
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    card = read_card_metadata(out / "README.md")["seshu"]
+    assert {Path(i["path"]).name for i in card["base_model"]} >= {"model.safetensors", "config.json"}
+    assert not any("checkpoint" in i["path"] for i in card["base_model"])
     assert not list(out.glob("*.bin"))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -222,3 +226,8 @@ def test_an_interrupted_fine_tune_resumes(tmp_path: Path, bases: Path, alpaca_fi
         sft.run(recipe, callbacks=[Crash()])
     assert (out / "checkpoints" / "checkpoint-4").is_dir()
     assert sft.run(recipe, resume=True).steps == 8
+
+
+def test_fine_tuning_keeps_its_own_defaults_when_other_train_keys_are_set() -> None:
+    recipe = validate(SFTRecipe, {"data": {"train": "a.json"}, "train": {"max_steps": 5}}, "r")
+    assert (recipe.train.lr, recipe.train.warmup_steps, recipe.train.weight_decay) == (2e-4, 10, 0.0)

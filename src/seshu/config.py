@@ -176,11 +176,19 @@ class SFTSection(_Strict):
     packing: bool = False
 
 
+class SFTTrainSection(TrainSection):
+    """`train` for fine-tuning: the same keys, with the defaults LoRA fine-tuning usually wants."""
+
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
 class SFTRecipe(_Strict):
     model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: InstructionDataSection
-    train: TrainSection = Field(default_factory=lambda: TrainSection(lr=2e-4, warmup_steps=10, weight_decay=0.0))
+    train: SFTTrainSection = Field(default_factory=SFTTrainSection)
     track: TrackSection = Field(default_factory=TrackSection)
     sft: SFTSection = Field(default_factory=SFTSection)
     output_dir: str = "runs/sft"

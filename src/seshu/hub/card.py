@@ -25,6 +25,16 @@ def describe_inputs(paths: list[str]) -> list[dict[str, str]]:
     return described
 
 
+def describe_model(ref: str) -> list[dict[str, str]]:
+    """A model folder by the files that define it (weights, config, tokenizer) with their sha256, leaving out
+    checkpoints, caches and logs; a Hub id stands for itself."""
+    local = Path(ref)
+    if not local.is_dir():
+        return [{"hub_id": ref}]
+    defining = sorted(p for p in local.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja"))
+    return describe_inputs([str(p) for p in defining])
+
+
 def render_card(title: str, metadata: dict[str, Any], body: str) -> str:
     """A model card: YAML front matter (Hub metadata plus a `seshu` block) followed by markdown."""
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)

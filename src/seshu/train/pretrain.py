@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from seshu.config import PretrainRecipe, dump_recipe
 from seshu.data.pipeline import build_block_datasets, training_documents
 from seshu.errors import UserError
-from seshu.hub.card import describe_inputs, render_card
+from seshu.hub.card import describe_inputs, describe_model, render_card
 from seshu.io import write_text_atomic
 from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
 from seshu.models.registry import build_config, build_model, check_overrides, count_parameters, get_preset_arch
@@ -101,8 +101,6 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
     sources = [s.path for s in recipe.data.train_sources() + recipe.data.validation_sources()]
     if recipe.tokenizer.path:
         sources.append(recipe.tokenizer.path)
-    if recipe.model.init_from:
-        sources.append(recipe.model.init_from)
     tokens = steps * recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len
     metadata = {
         "library_name": "transformers",
@@ -115,6 +113,7 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
             "tokens_per_device": tokens,
             "metrics": metrics,
             "inputs": describe_inputs(sources),
+            "init_from": describe_model(recipe.model.init_from) if recipe.model.init_from else None,
             "recipe": recipe.model_dump(mode="json"),
         },
     }

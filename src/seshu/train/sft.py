@@ -8,6 +8,7 @@ every donor contribution to the federation is made here.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from seshu.data.instructions import InstructionStats, read_conversations, tokeni
 from seshu.data.mixing import is_validation
 from seshu.data.pipeline import source_state, tokenizer_state
 from seshu.errors import UserError
-from seshu.hub.card import describe_inputs, render_card
+from seshu.hub.card import describe_inputs, describe_model, render_card
 from seshu.io import write_text_atomic
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
 from seshu.models.registry import ARCHS, arch_of
@@ -236,7 +237,8 @@ def _card(recipe: SFTRecipe, result: SFTResult) -> str:
     base = recipe.model.init_from
     metadata: dict[str, Any] = {
         "library_name": "peft" if recipe.sft.method != "full" else "transformers",
-        "base_model": base,
+        # The Hub's field names a Hub model; a local base is recorded (with hashes) under seshu.base_model.
+        **({"base_model": base} if base and not Path(base).exists() else {}),
         "pipeline_tag": "text-generation",
         "tags": ["seshu", "sft", recipe.sft.method],
         "seshu": {
@@ -247,7 +249,7 @@ def _card(recipe: SFTRecipe, result: SFTResult) -> str:
             "steps": result.steps,
             "metrics": result.metrics,
             "inputs": describe_inputs([*sources, *([recipe.tokenizer.path] if recipe.tokenizer.path else [])]),
-            "base_model": describe_inputs([base])[:8] if base else [],
+            "base_model": describe_model(base) if base else [],
             "recipe": recipe.model_dump(mode="json"),
         },
     }
@@ -273,8 +275,9 @@ def run(recipe: SFTRecipe, *, resume: bool = False, callbacks: list[Any] | None 
     out = Path(recipe.output_dir)
     check_output_dir(out, resume)
     check_environment(recipe.train, recipe.track)
-    if recipe.sft.method == "qlora":
-        check_environment(recipe.train.model_copy(update={"optimizer": "adamw_8bit"}), recipe.track)  # bitsandbytes
+    if recipe.sft.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("sft.method: qlora needs bitsandbytes (pip install --no-deps bitsandbytes)")
+    check_model_dir(recipe.model.init_from)
     tokenizer, tokens_added = _load_tokenizer(recipe)
     model = prepare_model(recipe, tokenizer, tokens_added)
 
