@@ -21,12 +21,8 @@ from seshu.cli.adapters import app
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.io import sha256_file
-from seshu.merge.fold import (
-    TOLERANCES,
-    check_adapter_tensors,
-    compare_logits,
-    fold_adapter,
-)
+from seshu.merge.adapters import check_adapter_tensors
+from seshu.merge.fold import TOLERANCES, compare_logits, fold_adapter
 from seshu.models.registry import ARCHS, build_config, build_model
 
 CORPUS = ["the cat sat on the mat.", "a small model is still a model.", "नमस्ते दुनिया, आज मौसम अच्छा है।"] * 4
@@ -290,7 +286,7 @@ def test_output_folder_checks(llama: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = llama
     with pytest.raises(UserError, match="adapter directory not found"):
         fold_adapter(str(base), str(tmp_path / "nope"), tmp_path / "out")
-    with pytest.raises(UserError, match="--out is the --base folder"):
+    with pytest.raises(UserError, match="--out is the input"):
         fold_adapter(str(base), str(adapter), base)
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "notes.txt").write_text("mine")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -28,6 +27,7 @@ from seshu.evaluate.perplexity import NLLTotals, model_context_length
 from seshu.evaluate.tasks import Task, TaskRecord, check_template, get_task, read_line_pairs, render_prompt
 from seshu.generate import SamplingOptions, chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.io import write_text_atomic
+from seshu.progress import progress_bar
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -193,7 +193,7 @@ def generate_all(
     # Longest first: each batch holds prompts of similar length, and an out-of-memory shows up at once.
     order = sorted(range(len(prompts)), key=lambda i: -len(fitted[i][0]))
     predictions = [""] * len(prompts)
-    with torch.inference_mode(), _progress(progress, len(prompts), "generating") as advance:
+    with torch.inference_mode(), progress_bar(progress, len(prompts), "generating") as advance:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             texts = generate_batch(
@@ -234,7 +234,7 @@ def answer_nll(
             examples.append((encoded["input_ids"], labels))
     totals = NLLTotals(documents=len(examples))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
-    with torch.inference_mode(), _progress(progress, len(examples), "scoring answers") as advance:
+    with torch.inference_mode(), progress_bar(progress, len(examples), "scoring answers") as advance:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
             nll, tokens = _batch_answer_nll(model, batch, int(pad))
@@ -383,24 +383,3 @@ def _read_records(
         hint = " (or --src-file and --tgt-file)" if task.name == "translation" else ""
         raise UserError(f"give the evaluation records with --data{hint}")
     return list(islice(task.read(data), max_records))
-
-
-@contextmanager
-def _progress(enabled: bool, total: int, label: str) -> Iterator[Any]:
-    """A transient rich progress bar on stderr; yields `advance(n)`."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(label),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    ) as bar:
-        task_id = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task_id, n)

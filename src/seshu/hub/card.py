@@ -49,3 +49,31 @@ def read_card_metadata(path: Path) -> dict[str, Any]:
     front, _, _ = text[4:].partition("\n---\n")
     loaded = yaml.safe_load(front)
     return loaded if isinstance(loaded, dict) else {}
+
+
+def seshu_block(folder: Path) -> dict[str, Any]:
+    """The `seshu` block of a folder's card (empty when it has none, or a card that is not ours)."""
+    card = folder / "README.md"
+    try:
+        meta = read_card_metadata(card) if card.is_file() else {}
+    except Exception:  # a card that is not YAML is simply not ours
+        return {}
+    block = meta.get("seshu")
+    return block if isinstance(block, dict) else {}
+
+
+def check_replaceable_output(out: Path, sources: list[str], commands: tuple[str, ...], what: str) -> None:
+    """`out` is replaced whole, so it must be new, empty, or an earlier output of one of `commands` (read from its
+    card): never one of the `sources` or a folder of something else. `what` names the output in the error."""
+    from seshu.errors import UserError
+
+    resolved = out.resolve()
+    for ref in sources:
+        if ref and Path(ref).exists() and Path(ref).resolve() == resolved:
+            raise UserError(f"{out}: --out is the input {ref}; choose a new folder")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose another --out")
+    if any(out.iterdir()) and seshu_block(out).get("command") not in commands:
+        raise UserError(f"{out}: exists and is not {what}; choose another --out (it would be replaced)")

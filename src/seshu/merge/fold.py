@@ -5,16 +5,13 @@ pass it was trained with), takes reference logits on a few fixed inputs, merges,
 takes the logits again from the weights as they will be saved. The fold is written only when the two agree
 within the dtype's tolerance; the figures go into the model card.
 
-An adapter is untrusted input (the federation receives them from strangers), so it is read the careful way:
-safetensors only, a config that peft understands field by field, finite values, and every tensor matched by
-name and shape against what the config makes of the base, so that an adapter for another base fails with the
-tensor's name before anything is written.
+The adapter is read and checked by `seshu.merge.adapters` (it is untrusted input); `apply_adapter` then matches
+every tensor by name and shape against what the config makes of the base.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -22,22 +19,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seshu.errors import UserError
 from seshu.generate import encode_prompt
-from seshu.hub.card import describe_inputs, read_card_metadata, render_card
+from seshu.hub.card import check_replaceable_output, describe_inputs, render_card
 from seshu.io import sha256_file, staged_dir
+from seshu.merge.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterFiles,
+    check_adapter_tensors,
+    first_line,
+    read_adapter,
+)
 from seshu.models.loading import DTYPES, check_vocab_fits, embedding_rows, load_causal_lm
 from seshu.models.registry import count_parameters
 from seshu.tokenizer import load_tokenizer
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 CARD_COMMAND = "adapters fold"
 
 # Largest accepted error of the folded logits, per output dtype: the 90th percentile over positions of
@@ -62,22 +62,10 @@ DEFAULT_CHECK_TEXTS: tuple[str, ...] = (
     "def add(a, b):\n    return a + b\n",
 )
 RANDOM_CHECK_TOKENS = 32
-# Task types that wrap a causal LM the way `seshu sft` trains it; others (classification heads) do not fold here.
-_CAUSAL_TASK_TYPES = (None, "CAUSAL_LM")
 
 
 class FoldMismatchError(RuntimeError):
     """The folded model does not reproduce base + adapter: a failure of the fold, not of the input (exit 1)."""
-
-
-@dataclass(frozen=True)
-class AdapterFiles:
-    """A checked adapter folder: its parsed config (raw and as peft's config) and its tensors."""
-
-    path: Path
-    raw_config: dict[str, Any]
-    config: PeftConfig
-    tensors: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -114,100 +102,6 @@ class FoldReport:
     check: LogitCheck
 
 
-# --------------------------------------------------------------------------------------------------
-# Reading and checking an adapter
-
-
-def read_adapter(path: str | Path) -> AdapterFiles:
-    """The config and tensors of a PEFT adapter folder, checked before any model is touched.
-
-    Refuses a folder without adapter_model.safetensors (pickle weights can run code when loaded), a config that
-    is not JSON or has fields this peft does not know (they could change what the adapter computes), adapters
-    that are not weight deltas (prompt learning), and tensors that are empty, not floating point or not finite.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"{path}: adapter directory not found")
-    config_path = path / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise UserError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        extra = f" (only {', '.join(pickles)}: pickle files can run code, so Seshu loads safetensors only)"
-        raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{extra if pickles else ''}")
-    raw = _read_config_json(config_path)
-    config = _peft_config(raw, config_path)
-    tensors = _read_tensors(weights)
-    return AdapterFiles(path=path, raw_config=raw, config=config, tensors=tensors)
-
-
-def _read_config_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    return raw
-
-
-def _peft_config(raw: dict[str, Any], where: Path) -> PeftConfig:
-    peft_type = raw.get("peft_type")
-    if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
-        raise UserError(f"{where}: peft_type {peft_type!r} is not an adapter type peft knows")
-    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
-    # peft drops unknown fields with a warning; a field from a newer peft may change the adapter's math, so a
-    # fold that ignored it would write a model that is not what was trained.
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise UserError(
-            f"{where}: field '{unknown[0]}' is unknown to {config_class.__name__} in this peft; upgrade peft "
-            "to the version that saved the adapter"
-        )
-    try:
-        config = config_class.from_peft_type(**raw)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise UserError(f"{where}: not a valid {peft_type} config: {_first_line(exc)}") from None
-    if config.is_prompt_learning:
-        raise UserError(f"{where}: a {peft_type} adapter adds prompt tokens, not weights, so it cannot be folded")
-    task_type = None if config.task_type is None else str(getattr(config.task_type, "value", config.task_type))
-    if task_type not in _CAUSAL_TASK_TYPES:
-        raise UserError(f"{where}: task_type {task_type} is not a causal language model adapter")
-    return config
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from None
-    if not tensors:
-        raise UserError(f"{path}: holds no tensors")
-    for name, tensor in tensors.items():
-        if not tensor.is_floating_point():
-            raise UserError(f"{path}: tensor {name} is {tensor.dtype}, not floating point")
-        if not bool(torch.isfinite(tensor).all()):
-            raise UserError(f"{path}: tensor {name} holds NaN or infinite values")
-    return tensors
-
-
-def check_adapter_tensors(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: str) -> None:
-    """Every tensor the adapter's config implies for this base (`expected`, name -> shape) must be in the file
-    (`found`) with the same shape. Names only in the file are left to peft, which knows older layouts."""
-    for name, shape in expected.items():
-        if name not in found:
-            raise UserError(f"{where}: has no tensor {name}, which its config asks for; the file is incomplete")
-        if found[name] != shape:
-            raise UserError(
-                f"{where}: tensor {name} has shape {list(found[name])} but the base model needs {list(shape)}; "
-                "the adapter was trained on another base model"
-            )
-
-
 def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> PeftModel:
     """`model` with the adapter applied, unmerged, after matching every tensor against the base."""
     where = str(files.path)
@@ -225,7 +119,7 @@ def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> Pef
             peft_model = get_peft_model(model, files.config)
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
         # e.g. "Target modules {'c_attn'} not found in the base model": the adapter is for another architecture.
-        raise UserError(f"{where}: does not fit {base}: {_first_line(exc)}") from None
+        raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
     # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary was resized.
     expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
     check_adapter_tensors(
@@ -235,7 +129,7 @@ def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> Pef
         # peft's annotation says a bare namedtuple; it is torch's _IncompatibleKeys.
         result: Any = set_peft_model_state_dict(peft_model, files.tensors)
     except RuntimeError as exc:  # shape mismatches in tensors peft placed itself
-        raise UserError(f"{where}: does not fit {base}: {_first_line(exc)}") from None
+        raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
     if result.unexpected_keys:
         extra = sorted(set(files.tensors) - set(expected)) or list(result.unexpected_keys)
         raise UserError(f"{where}: tensor {extra[0]} belongs to no module of {base}; the adapter is for another base")
@@ -312,7 +206,7 @@ def fold_adapter(
     if dtype not in TOLERANCES:
         raise UserError(f"unknown dtype '{dtype}'; choose one of: {', '.join(TOLERANCES)}")
     out = Path(out)
-    _check_out(out, base, adapter)
+    check_replaceable_output(out, [base, adapter], (CARD_COMMAND,), "a folded model")
     files = read_adapter(adapter)
     # float32 for the fold itself: merging into a 16-bit base would round W + BA twice.
     model, tokenizer = load_causal_lm(base, dtype="float32", device="cpu")
@@ -329,7 +223,7 @@ def fold_adapter(
         # safe_merge: peft checks each merged weight for NaN before it replaces the original.
         folded = peft_model.merge_and_unload(safe_merge=True)
     except ValueError as exc:
-        raise FoldMismatchError(f"folding {adapter} into {base} failed: {_first_line(exc)}") from None
+        raise FoldMismatchError(f"folding {adapter} into {base} failed: {first_line(exc)}") from None
     folded.eval()
 
     target = DTYPES[dtype]
@@ -364,30 +258,6 @@ def fold_adapter(
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return FoldReport(out=out, dtype=dtype, parameters=parameters, check=check)
-
-
-def _check_out(out: Path, base: str, adapter: str) -> None:
-    """`out` is replaced whole, so it must be new, empty, or an earlier fold: never a source or another folder."""
-    resolved = out.resolve()
-    for flag, source in (("--base", base), ("--adapter", adapter)):
-        if Path(source).exists() and Path(source).resolve() == resolved:
-            raise UserError(f"{out}: --out is the {flag} folder; choose a new folder for the folded model")
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UserError(f"{out}: exists and is not a folder; choose another --out")
-    if any(out.iterdir()) and not _is_fold_output(out):
-        raise UserError(f"{out}: exists and is not a folded model; choose another --out (it would be replaced)")
-
-
-def _is_fold_output(folder: Path) -> bool:
-    card = folder / "README.md"
-    try:
-        meta = read_card_metadata(card) if card.is_file() else {}
-    except Exception:  # a card that is not YAML is simply not ours
-        return False
-    seshu = meta.get("seshu")
-    return isinstance(seshu, dict) and seshu.get("command") == CARD_COMMAND
 
 
 def _check_finite_weights(model: PreTrainedModel, dtype: str) -> None:
@@ -443,8 +313,3 @@ def _card(
         "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
     )
     return render_card(f"{Path(base).name} + {files.path.name}", metadata, body)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
