@@ -12,15 +12,16 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from seshu.errors import UserError
+
+if TYPE_CHECKING:
+    from peft import PeftConfig
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,6 +81,8 @@ def _read_config_json(path: Path) -> dict[str, Any]:
 
 
 def _peft_config(raw: dict[str, Any], where: Path) -> PeftConfig:
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING  # seconds to import: only when an adapter is read
+
     peft_type = raw.get("peft_type")
     if peft_type not in PEFT_TYPE_TO_CONFIG_MAPPING:
         raise UserError(f"{where}: peft_type {peft_type!r} is not an adapter type peft knows")

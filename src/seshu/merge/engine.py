@@ -29,7 +29,6 @@ from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir
 from seshu.merge.checkpoint import Checkpoint, PlannedTensor, ShardedWriter, order_by_file, parse_size
 from seshu.merge.config import MergeConfig, tensor_parameters
 from seshu.merge.methods import chunk_rows, merge_chunks, rows_per_chunk
-from seshu.models.loading import DTYPES
 from seshu.progress import progress_bar
 
 CARD_COMMAND = "merge"
@@ -324,7 +323,7 @@ def _merge_adapter(config: MergeConfig, inputs: _Inputs, tmp: Path, progress: bo
 def _out_dtype(config: MergeConfig, reference: Checkpoint) -> torch.dtype:
     chosen = config.out_dtype or config.dtype
     if chosen:
-        return DTYPES[chosen]
+        return getattr(torch, chosen)  # validated: float32, float64, bfloat16 or float16
     floating = [info.dtype for info in reference.tensors.values() if info.dtype.is_floating_point]
     return floating[0] if floating else torch.float32
 

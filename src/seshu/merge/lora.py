@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from seshu.errors import UserError
 from seshu.merge.adapters import AdapterFiles
@@ -118,6 +117,8 @@ def _scale(raw: dict[str, Any], module: str, rank: int) -> float:
     alpha = float(raw.get("lora_alpha", 8))
     patterns = raw.get("alpha_pattern") or {}
     if patterns:
+        from peft.utils.other import get_pattern_key  # peft takes seconds to import; model merges never need it
+
         key = get_pattern_key(list(patterns), module)
         alpha = float(patterns.get(key, alpha))
     return alpha / math.sqrt(rank) if raw.get("use_rslora") else alpha / rank
