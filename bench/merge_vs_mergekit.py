@@ -6,8 +6,8 @@ Command (an estimated 30 minutes on 2 CPU cores with the defaults; `--sizes tiny
 
 Per size: a fp32 Llama base (seeded random init) and two variants (base + seeded noise), built under `--work`. Per
 method: both tools merge the same three models from the same YAML, each in a child process (wall time around it,
-peak memory its own ru_maxrss from os.wait4), inputs read once before each run (warm cache), sides alternating;
-then the two outputs are compared tensor by tensor. bench/README.md (## merge_vs_mergekit) has the details.
+peak memory its own ru_maxrss, via a small launcher process), inputs read once before each run (warm cache), sides
+alternating; then the two outputs are compared tensor by tensor. bench/README.md (## merge_vs_mergekit) has the details.
 """
 
 from __future__ import annotations
@@ -171,6 +171,28 @@ def rss_split(pid: int) -> tuple[int, int]:
     return fields["RssAnon"], fields["RssFile"]
 
 
+# Why a launcher: Linux carries a process's peak RSS across exec, so a child forked from this driver (which holds
+# checkpoints and torch) would report the driver's size as its own peak. The launcher is a small Python process that
+# forks the merge and reports the merge's own rusage (its peak starts from the launcher's ~10 MB).
+LAUNCHER = (
+    "import json, os, sys\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "_, status, usage = os.wait4(pid, 0)\n"
+    "with open(sys.argv[1], 'w') as f:\n"
+    "    json.dump({'maxrss': usage.ru_maxrss, 'cpu': usage.ru_utime + usage.ru_stime}, f)\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
+def _launched_pid(launcher: int) -> int:
+    """The merge process the launcher started (the launcher itself until it has)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()[0])
+    return launcher
+
+
 def run_timed(command: list[str], log: Path) -> dict[str, Any]:
     """Run one merge in a child process: its wall time, its own peak RSS (ru_maxrss, KiB on Linux), CPU time, and
     the peaks of its anonymous and file-backed RSS sampled every 20 ms."""
@@ -178,21 +200,24 @@ def run_timed(command: list[str], log: Path) -> dict[str, Any]:
     anon = mapped = 0
     with log.with_suffix(".out").open("wb") as out, log.with_suffix(".err").open("wb") as err:
         began = time.perf_counter()
-        child = subprocess.Popen(command, stdout=out, stderr=err, env=env)
+        usage_file = log.with_suffix(".rusage.json")
+        launcher = [sys.executable, "-c", LAUNCHER, str(usage_file), *command]
+        child = subprocess.Popen(launcher, stdout=out, stderr=err, env=env)
         while not (reaped := os.wait4(child.pid, os.WNOHANG))[0]:
-            sample = rss_split(child.pid)
+            sample = rss_split(_launched_pid(child.pid))
             anon, mapped = max(anon, sample[0]), max(mapped, sample[1])
             time.sleep(0.02)
         wall = time.perf_counter() - began
-    _, status, usage = reaped
+    _, status, _ = reaped
     child.returncode = os.waitstatus_to_exitcode(status)
+    usage = json.loads(usage_file.read_text()) if usage_file.is_file() else {"maxrss": 0, "cpu": 0.0}
     os.sync()  # untimed: the dirty pages of this output must not be written back during the next run
     result: dict[str, Any] = {
         "wall_seconds": round(wall, 2),
-        "peak_mb": round(usage.ru_maxrss / 1024, 1),
+        "peak_mb": round(usage["maxrss"] / 1024, 1),
         "sampled_peak_anon_mb": round(anon / 1024, 1),
         "sampled_peak_file_mb": round(mapped / 1024, 1),
-        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+        "cpu_seconds": round(usage["cpu"], 2),
         "returncode": child.returncode,
     }
     with contextlib.suppress(OSError, IndexError, json.JSONDecodeError, TypeError, KeyError):  # seshu's --json
@@ -400,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seed": SEED,
             "variant_noise_relative_std": NOISE,
             "env": {"HF_HUB_OFFLINE": "1"},
-            "timing": "each side a subprocess; wall = perf_counter around it, peak = os.wait4 ru_maxrss; inputs "
+            "timing": "each side a subprocess; wall = perf_counter around it, peak = ru_maxrss via a launcher; inputs "
             "read once before every run (warm cache), os.sync() after it; sides alternate",
         },
         "checkpoints": checkpoints,
