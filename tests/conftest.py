@@ -36,3 +36,17 @@ def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, corpus_files: l
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     save_tokenizer(train_tokenizer(docs, 400, "bpe"), out)
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Remembered hashes go to a folder of the test session's, not the user's ~/.cache.
+    import os
+
+    previous = os.environ.get("SESHU_CACHE_DIR")
+    os.environ["SESHU_CACHE_DIR"] = str(tmp_path_factory.mktemp("seshu-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SESHU_CACHE_DIR", None)
+    else:
+        os.environ["SESHU_CACHE_DIR"] = previous

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 from pathlib import Path
 
@@ -10,6 +12,21 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge)
+
+
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def _reuse_freed_buffers() -> None:
+    """A merge allocates and frees buffers of a few MB (one chunk of each input) hundreds of times. glibc serves
+    each from a fresh mmap and unmaps it on free, so every chunk pays its page faults again: ~15% of a linear
+    merge's time. With these thresholds they stay in the heap and are reused. Set for this process only, which
+    is why it is here and not in the library."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)
 
 
 def merge(
@@ -26,6 +43,7 @@ def merge(
     from seshu.merge.engine import load_merge_config
     from seshu.merge.engine import merge as run_merge
 
+    _reuse_freed_buffers()
     merge_config = load_merge_config(config, overrides)
     text = config.read_text(encoding="utf-8") if not overrides else None
     report = run_merge(merge_config, out, progress=progress, config_text=text)

@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import numpy as np
 import torch
 
 # Elements per chunk: 2M float32 values are 8 MB, so a chunk of every input and the scratch of a method stay in
@@ -333,8 +334,9 @@ def _sparsified(
     if method.sparsify is None or params.densities[which] >= 1:
         return delta
     if method.sparsify == "random":
-        generator = torch.Generator().manual_seed(_chunk_seed(params.seed, source.name, which, chunk))
-        keep = torch.rand(delta.shape, generator=generator, dtype=torch.float32) < params.densities[which]
+        # numpy's PCG64 draws float32 twice as fast as torch's CPU generator, and DARE draws every mask twice.
+        rng = np.random.Generator(np.random.PCG64(_chunk_seed(params.seed, source.name, which, chunk)))
+        keep = torch.from_numpy(rng.random(tuple(delta.shape), dtype=np.float32) < params.densities[which])
     else:
         cut = stats.cuts[which]
         assert cut is not None
@@ -369,11 +371,11 @@ def _cut_mask(bits: torch.Tensor, cut: RankCut, counters: list[int] | None) -> t
 
 
 def linear_combination(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    out = torch.zeros_like(tensors[0])
-    for x, w in zip(tensors, weights, strict=True):
-        out.add_(x, alpha=w)
-    if normalize:
-        out.div_(sum(weights))
+    """sum(w_i x_i), over sum(w_i) when `normalize` (folded into the weights: one pass over the data fewer)."""
+    scale = 1.0 / sum(weights) if normalize else 1.0
+    out = tensors[0] * (weights[0] * scale)
+    for x, w in zip(tensors[1:], weights[1:], strict=True):
+        out.add_(x, alpha=w * scale)
     return out
 
 
