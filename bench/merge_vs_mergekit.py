@@ -1,6 +1,6 @@
 """Merging: wall time and peak memory of `seshu merge` against mergekit's `mergekit-yaml`, in the same run.
 
-Command (an estimated 30 minutes on 2 CPU cores with the defaults; `--sizes tiny` checks the script in 2 minutes):
+Command (~9 minutes on 2 CPU cores with the defaults and built checkpoints; `--sizes tiny` checks it in 2 minutes):
     python bench/merge_vs_mergekit.py [--sizes 60m 740m] [--methods linear task_arithmetic ties dare_ties]
         [--mergekit PATH] [--repeats 1] [--work DIR] [--keep] [--out bench/results/merge_vs_mergekit.json]
 
