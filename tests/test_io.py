@@ -40,7 +40,9 @@ def test_a_remembered_hash_is_used_without_reading_the_file(tmp_path: Path, monk
     assert io.sha256_file(path) == first
 
 
-def test_small_files_and_an_unwritable_cache_are_hashed_plainly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_files_and_an_unwritable_cache_are_hashed_plainly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
     monkeypatch.setenv("SESHU_CACHE_DIR", str(blocker))
