@@ -21,7 +21,8 @@ count of agreeing inputs, a 1/p rescale. Seshu does not mix the two.)
 
 Every method runs over a tensor in row chunks (`ChunkSource`), so that the engine can stream a tensor of any
 size through bounded memory. Methods that need a whole-tensor statistic first (the magnitude threshold, the L1
-norms of a DARE mask, the slerp angle) take it in a first pass over the chunks and combine in a second; the
+norms of a DARE mask, the slerp angle) take it in a first pass over the chunks (`seshu.merge.ranking` for the
+magnitudes) and combine in a second; the
 chunking is a fixed function of the tensor's shape, so a method gives the same result whether the tensor is
 streamed from disk or passed whole (`merge_tensors`).
 """
@@ -36,6 +37,8 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
+
+from seshu.merge.ranking import RankCut, cut_mask, magnitude_bits, rank_cut
 
 # Elements per chunk: 2M float32 values are 8 MB, so a chunk of every input and the scratch of a method stay in
 # the tens of MB whatever the tensor.
@@ -192,54 +195,6 @@ def _task_vectors(
     return base, inputs
 
 
-def _magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
-    # |d| ranked as float32 (mergekit ranks in float32 on the CPU too). A non-negative float32's bit pattern read
-    # as an integer orders the same way as its value, which is what lets a radix select work chunk by chunk.
-    return delta.abs().to(torch.float32).view(torch.int32).to(torch.int64)
-
-
-@dataclass(frozen=True)
-class RankCut:
-    """The entries of one task vector ranked by |d| (largest first) that fall in [skip, skip + keep): all entries
-    whose magnitude bits lie strictly between `low` and `high`, plus the first `low_ties` entries equal to `low`
-    (in flattened order) and all but the first `high_ties_dropped` entries equal to `high`."""
-
-    low: int
-    low_ties: int
-    high: int
-    high_ties_dropped: int
-
-
-def _select_bits(source: ChunkSource, method: MergeMethod, which: int, rank: int) -> tuple[int, int]:
-    """The magnitude bits of the entry ranked `rank` (0 = largest) in input `which`'s task vector, and how many
-    entries rank above it with the same bits. Two histogram passes of 16 bits each (a radix select), so the
-    memory is one chunk's, not the tensor's."""
-    high_counts = torch.zeros(1 << 15, dtype=torch.int64)
-    for i in range(source.chunks()):
-        bits = _magnitude_bits(_task_vectors(method, source, i)[1][which])
-        high_counts += torch.bincount((bits >> 16).flatten(), minlength=1 << 15)
-    above = torch.flip(high_counts, [0]).cumsum(0)  # entries in this bucket or a larger one
-    bucket = (1 << 15) - 1 - int(torch.searchsorted(above, rank, right=True))
-    before = int(above[(1 << 15) - 2 - bucket]) if bucket < (1 << 15) - 1 else 0
-    low_counts = torch.zeros(1 << 16, dtype=torch.int64)
-    for i in range(source.chunks()):
-        bits = _magnitude_bits(_task_vectors(method, source, i)[1][which]).flatten()
-        low_counts += torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
-    above_low = torch.flip(low_counts, [0]).cumsum(0)
-    low = (1 << 16) - 1 - int(torch.searchsorted(above_low, rank - before, right=True))
-    greater = before + (int(above_low[(1 << 16) - 2 - low]) if low < (1 << 16) - 1 else 0)
-    return (bucket << 16) | low, rank - greater
-
-
-def _rank_cut(source: ChunkSource, method: MergeMethod, which: int, skip: int, keep: int) -> RankCut:
-    low_bits, low_rank = _select_bits(source, method, which, skip + keep - 1)
-    if skip == 0:
-        high, high_dropped = 1 << 31, 0  # above every finite magnitude
-    else:
-        high, high_dropped = _select_bits(source, method, which, skip)
-    return RankCut(low=low_bits, low_ties=low_rank + 1, high=high, high_ties_dropped=high_dropped)
-
-
 @dataclass
 class _Statistics:
     cuts: list[RankCut | None] = field(default_factory=list)
@@ -266,7 +221,7 @@ def _statistics(method: MergeMethod, source: ChunkSource, params: TensorParamete
     if method.sparsify in ("magnitude", "outliers"):
         for i in range(count):
             counts = _keep_counts(method, params, n, i)
-            stats.cuts.append(None if counts is None else _cut(source, method, i, *counts))
+            stats.cuts.append(None if counts is None else _cut(method, source, i, *counts))
     if method.sparsify is not None and params.rescale:
         before, after = [0.0] * count, [0.0] * count
         counters = [[0, 0] for _ in range(count)]
@@ -295,10 +250,11 @@ def _slerp_pair(source: ChunkSource, chunk: int) -> tuple[torch.Tensor, torch.Te
     return base, (base + other if source.deltas else other)
 
 
-def _cut(source: ChunkSource, method: MergeMethod, which: int, skip: int, keep: int) -> RankCut:
-    if keep == 0:
-        return RankCut(low=1 << 31, low_ties=0, high=1 << 31, high_ties_dropped=0)  # keeps nothing
-    return _rank_cut(source, method, which, skip, keep)
+def _cut(method: MergeMethod, source: ChunkSource, which: int, skip: int, keep: int) -> RankCut:
+    def bits_of(chunk: int) -> torch.Tensor:
+        return magnitude_bits(_task_vectors(method, source, chunk)[1][which])
+
+    return rank_cut(bits_of, source.chunks(), skip, keep)
 
 
 def slerp_coefficients(dot: float, norm_a: float, norm_b: float, t: float, eps: float = 1e-8) -> tuple[float, float]:
@@ -340,34 +296,11 @@ def _sparsified(
     else:
         cut = stats.cuts[which]
         assert cut is not None
-        keep = _cut_mask(_magnitude_bits(delta), cut, None if tie_counters is None else tie_counters[which])
+        keep = cut_mask(magnitude_bits(delta), cut, None if tie_counters is None else tie_counters[which])
     kept = delta * keep
     if rescaled and stats.scales and stats.scales[which] != 1.0:
         kept = kept * stats.scales[which]
     return kept
-
-
-def _cut_mask(bits: torch.Tensor, cut: RankCut, counters: list[int] | None) -> torch.Tensor:
-    """Which entries a `RankCut` keeps. Ties at either edge go by flattened order, counted across chunks in
-    `counters` ([low ties kept so far, high ties seen so far]); without counters the chunk is the whole tensor."""
-    counters = counters if counters is not None else [0, 0]
-    keep = (bits > cut.low) & (bits < cut.high)
-    if cut.low == cut.high:  # one magnitude spans the whole range: the ties at it are all there is
-        at = (bits == cut.low).flatten()
-        order = at.cumsum(0) + counters[1]
-        take = at & (order > cut.high_ties_dropped) & (order <= cut.low_ties)
-        counters[1] += int(at.sum())
-        return keep | take.reshape(bits.shape)
-    low_at = (bits == cut.low).flatten()
-    low_order = low_at.cumsum(0) + counters[0]
-    keep = keep | (low_at & (low_order <= cut.low_ties)).reshape(bits.shape)
-    counters[0] += int(low_at.sum())
-    if cut.high < (1 << 31):
-        high_at = (bits == cut.high).flatten()
-        high_order = high_at.cumsum(0) + counters[1]
-        keep = keep | (high_at & (high_order > cut.high_ties_dropped)).reshape(bits.shape)
-        counters[1] += int(high_at.sum())
-    return keep
 
 
 def linear_combination(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
