@@ -20,14 +20,14 @@ from typing import Any
 import torch
 import yaml
 
-from seshu.config import read_yaml, validate
+from seshu.config import apply_overrides, read_yaml, validate
 from seshu.errors import UserError
 from seshu.hub.card import check_replaceable_output, describe_inputs, describe_model, render_card
 from seshu.io import staged_dir
 from seshu.merge import lora
 from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_dir, read_adapter
 from seshu.merge.checkpoint import Checkpoint, PlannedTensor, ShardedWriter, order_by_file, parse_size
-from seshu.merge.config import MergeConfig, tensor_parameters
+from seshu.merge.config import LAYER_INDEX, MergeConfig, tensor_parameters
 from seshu.merge.methods import chunk_rows, merge_chunks, rows_per_chunk
 from seshu.progress import progress_bar
 
@@ -55,8 +55,6 @@ class MergeReport:
 
 
 def load_merge_config(path: Path, overrides: list[str] | None = None) -> MergeConfig:
-    from seshu.config import apply_overrides
-
     raw = apply_overrides(read_yaml(path), overrides or [])
     config: MergeConfig = validate(MergeConfig, raw, str(path))
     return config
@@ -90,6 +88,7 @@ class _Inputs:
     models: list[Checkpoint]  # model inputs (empty when the inputs are adapters)
     pairs: list[dict[str, lora.LoraPair]]  # adapter inputs' deltas (empty when the inputs are models)
     folders: dict[str, Path]
+    adapter_configs: list[dict[str, Any]] = field(default_factory=list)  # adapter inputs' adapter_config.json
 
     @property
     def reference(self) -> Checkpoint:
@@ -129,12 +128,14 @@ def _open_adapters(config: MergeConfig, base: Checkpoint | None, refs: list[str]
     if method.name == "linear" and config.parameters.get("normalize") is False:
         raise UserError("linear without normalize would scale the base model itself; merge adapters normalized")
     shapes = {name: info.shape for name, info in base.tensors.items()}
-    pairs = []
+    pairs, raw_configs = [], []
     for ref in refs:
-        adapter_pairs = lora.adapter_pairs(read_adapter(folders[ref]))
+        files = read_adapter(folders[ref])
+        adapter_pairs = lora.adapter_pairs(files)
         lora.check_against_base(adapter_pairs, shapes, ref)
         pairs.append(adapter_pairs)
-    return _Inputs(config, base, [], pairs, folders)
+        raw_configs.append(files.raw_config)
+    return _Inputs(config, base, [], pairs, folders, raw_configs)
 
 
 def _model_config(folder: Path) -> dict[str, Any]:
@@ -182,8 +183,6 @@ def _layer_count(folder: Path, names: list[str]) -> int:
     for key in LAYER_COUNT_KEYS:
         if isinstance(config.get(key), int):
             return int(config[key])
-    from seshu.merge.config import LAYER_INDEX
-
     found = [int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))]
     return max(found) + 1 if found else 1
 
@@ -292,18 +291,17 @@ def _merge_adapter(config: MergeConfig, inputs: _Inputs, tmp: Path, progress: bo
     with progress_bar(progress, len(names), f"merging adapters ({method.name})") as advance:
         for name in names:
             source = _FileSource(name, inputs, torch.float32)
-            base_rows = base.read_rows(name, 0, source.rows).float()
-            merged = torch.cat(list(merge_chunks(method, source, tensor_parameters(config, name, layers))))
-            factors = lora.refactor(merged - base_rows, rank)
+            params = tensor_parameters(config, name, layers)
+            delta = torch.cat(list(merge_chunks(method, source, params, relative=True)))
+            factors = lora.refactor(delta, rank)
             pair = next(pairs[name] for pairs in inputs.pairs if name in pairs)
             tensors.update(lora.adapter_tensors(pair, factors))
             tail, energy = tail + factors.tail_energy, energy + factors.energy
             worst = max(worst, factors.relative_error)
             advance(1)
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    first = read_adapter(inputs.folders[config.inputs()[0].model]).raw_config
     adapter_config = {
-        **first,
+        **inputs.adapter_configs[0],
         "r": rank,
         "lora_alpha": rank,  # scale 1: the factors hold the delta as it is
         "rank_pattern": {},

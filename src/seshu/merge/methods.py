@@ -330,21 +330,30 @@ def elect(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: b
     return mixed
 
 
-def merge_chunks(method: MergeMethod, source: ChunkSource, params: TensorParameters) -> Iterator[torch.Tensor]:
-    """The merged tensor, chunk by chunk (rows of the 2-D view), in the compute dtype."""
+def merge_chunks(
+    method: MergeMethod, source: ChunkSource, params: TensorParameters, relative: bool = False
+) -> Iterator[torch.Tensor]:
+    """The merged tensor, chunk by chunk (rows of the 2-D view), in the compute dtype; with `relative`, the merged
+    tensor minus the base (for task-vector methods the mixed task vector itself, never rounded through B)."""
     stats = _statistics(method, source, params)
     tie_counters = [[0, 0] for _ in params.weights]
     for c in range(source.chunks()):
         if method.name == "slerp":
             assert stats.slerp is not None
             a, b = _slerp_pair(source, c)
-            yield a * stats.slerp[0] + b * stats.slerp[1]
+            out = a * stats.slerp[0] + b * stats.slerp[1]
+            yield out - a if relative else out
             continue
         if not method.uses_base:
             base, inputs = source.read(c)
             merged = linear_combination(inputs, params.weights, params.normalize)
-            # Adapter task vectors are averaged as deltas: B + sum(w d)/sum(w) is the soup of B + d_i, exactly.
-            yield merged if base is None or not source.deltas else base + merged
+            if base is None or (source.deltas and relative):
+                yield merged
+            elif source.deltas:
+                # Adapter task vectors are averaged as deltas: B + sum(w d)/sum(w) is the soup of B + d_i, exactly.
+                yield base + merged
+            else:
+                yield merged - base if relative else merged
             continue
         base, deltas = _task_vectors(method, source, c)
         assert base is not None
@@ -359,7 +368,7 @@ def merge_chunks(method: MergeMethod, source: ChunkSource, params: TensorParamet
                 mixed /= sum(params.weights)
         if params.lambda_ != 1:
             mixed *= params.lambda_
-        yield base + mixed
+        yield mixed if relative else base + mixed
 
 
 def merge_tensors(
