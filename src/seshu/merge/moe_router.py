@@ -19,7 +19,7 @@ The functions here are pure (a model and token ids in, tensors out); `seshu.merg
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -97,30 +97,25 @@ def mean_embedding(embed: torch.Tensor, prompts: list[list[int]], bos_token_id: 
     return embed[torch.tensor(ids, dtype=torch.long)].float().mean(dim=0)
 
 
-def hidden_gates(
-    model: Any, experts: list[tuple[list[list[int]], list[list[int]]]], bos_token_id: int | None
-) -> torch.Tensor:
-    """`hidden` mode: [layers, experts, hidden]. `experts` holds each expert's (positive, negative) prompt ids."""
-    rows = []
-    for positive, negative in experts:
-        pos = mean_hidden_state(model, positive, bos_token_id)
-        neg = mean_hidden_state(model, negative, bos_token_id) if negative else None
-        rows.append(gate_rows(pos, neg))
+ExpertPrompts = list[tuple[list[list[int]], list[list[int]]]]  # each expert's (positive, negative) prompt ids
+
+
+def _expert_rows(experts: ExpertPrompts, mean_of: Callable[[list[list[int]]], torch.Tensor]) -> list[torch.Tensor]:
+    """Each expert's gate rows from the mean state `mean_of` gives its positive (minus its negative) prompts."""
+    return [gate_rows(mean_of(positive), mean_of(negative) if negative else None) for positive, negative in experts]
+
+
+def hidden_gates(model: Any, experts: ExpertPrompts, bos_token_id: int | None) -> torch.Tensor:
+    """`hidden` mode: [layers, experts, hidden]."""
+    rows = _expert_rows(experts, lambda ids: mean_hidden_state(model, ids, bos_token_id))
     return torch.stack(rows, dim=1)
 
 
 def cheap_embed_gates(
-    embed: torch.Tensor,
-    experts: list[tuple[list[list[int]], list[list[int]]]],
-    bos_token_id: int | None,
-    num_layers: int,
+    embed: torch.Tensor, experts: ExpertPrompts, bos_token_id: int | None, num_layers: int
 ) -> torch.Tensor:
     """`cheap_embed` mode: [layers, experts, hidden], the same rows in every layer."""
-    rows = []
-    for positive, negative in experts:
-        pos = mean_embedding(embed, positive, bos_token_id)
-        neg = mean_embedding(embed, negative, bos_token_id) if negative else None
-        rows.append(gate_rows(pos, neg))
+    rows = _expert_rows(experts, lambda ids: mean_embedding(embed, ids, bos_token_id))
     return torch.stack(rows).unsqueeze(0).repeat(num_layers, 1, 1)
 
 
