@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import transformers
 import yaml
+from machine import cpu_model  # bench/machine.py: the benchmarks' shared look at the machine
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -394,14 +395,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     args.mergekit = find_mergekit(args.mergekit)
@@ -450,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": {
             "seshu_env": {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}},
             "mergekit_env": versions,
-            "processor": _cpu_model(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
             "loadavg_start": load_start,

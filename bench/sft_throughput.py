@@ -54,6 +54,11 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
+from machine import (  # bench/machine.py: the benchmarks' shared look at the machine
+    CpuMonitor,
+    cpu_model,
+    wait_for_quiet,
+)
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 METHODS = ("lora", "qlora", "full")
@@ -102,27 +107,6 @@ def reset_peak_rss() -> bool:
     return True
 
 
-def cpu_seconds() -> tuple[float | None, float]:
-    """(busy seconds of all cores from /proc/stat, or None; this process's own CPU seconds)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    own = usage.ru_utime + usage.ru_stime
-    try:
-        ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    except OSError:
-        return None, own
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait; guest time is inside user time
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK"), own
-
-
-def foreign_share(start: tuple[float, tuple[float | None, float]]) -> float | None:
-    """Share of all cores used by *other* processes since `start` = (perf_counter, cpu_seconds())."""
-    (busy0, own0), (busy1, own1) = start[1], cpu_seconds()
-    if busy0 is None or busy1 is None:
-        return None
-    wall = time.perf_counter() - start[0]
-    return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * (os.cpu_count() or 1)), 3)
-
-
 class StepMeter(TrainerCallback):
     """Stamps every step's end with the real tokens of its batch (the attention mask, read by a forward pre-hook
     on the model), and records the loss, the train-window peak memory and the digest of the rows Trainer reads."""
@@ -142,7 +126,7 @@ class StepMeter(TrainerCallback):
         self.train_peak_mb: float | None = None
         self.foreign_cpu: float | None = None
         self._pending = [0, 0]
-        self._cpu_start: tuple[float, tuple[float | None, float]] | None = None
+        self._monitor = CpuMonitor()
 
     def _count(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if module.training and kwargs.get("attention_mask") is not None:
@@ -169,7 +153,7 @@ class StepMeter(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if state.global_step == self.warmup:
-            self._cpu_start = (time.perf_counter(), cpu_seconds())
+            self._monitor.start()
         self.stamps.append(time.perf_counter())
         self.tokens.append(self._pending[0])
         self.answer_tokens.append(self._pending[1])
@@ -190,8 +174,7 @@ class StepMeter(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        if self._cpu_start is not None:
-            self.foreign_cpu = foreign_share(self._cpu_start)
+        self.foreign_cpu = self._monitor.stop()
         if self.rss_at_train_begin is not None:
             self.train_peak_mb = _status_mb("VmHWM")
 
@@ -437,18 +420,6 @@ def prepare(args: argparse.Namespace, work: Path) -> Prepared:
 # Driver
 
 
-def wait_for_quiet(max_wait: float, threshold: float = 0.1, sample: float = 2.0) -> float:
-    """Wait (at most `max_wait` s) until other processes use under `threshold` of the machine; the seconds waited."""
-    begin = time.perf_counter()
-    while True:
-        start = (time.perf_counter(), cpu_seconds())
-        time.sleep(sample)
-        foreign = foreign_share(start)
-        waited = time.perf_counter() - begin
-        if foreign is None or foreign < threshold or waited >= max_wait:
-            return round(waited - sample, 1)
-
-
 def run_worker(side: str, method: str, args: argparse.Namespace, prepared: Prepared, work: Path, tag: str) -> dict:
     run_dir = work / f"{method}-{side}-{tag}"
     spec = {
@@ -643,7 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bitsandbytes": _version("bitsandbytes"),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "processor": _cpu_model(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch_threads": threads,
             "loadavg_start": load_start,
@@ -687,16 +658,6 @@ def _version(package: str) -> str | None:
         return version(package)
     except PackageNotFoundError:
         return None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":
