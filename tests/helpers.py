@@ -36,3 +36,23 @@ def save_bpe_tokenizer(corpus: list[str], out: Path, vocab_size: int = 300, chat
     )
     wrapped.save_pretrained(str(out))
     return out
+
+
+def save_tiny_model(
+    out: Path, corpus: list[str], *, arch: str = "llama", tied: bool = False, chat_tokens: bool = False,
+    vocab_size: int = 300, context_length: int = 64,
+) -> Path:
+    """A seeded tiny `arch` model and its byte-level BPE tokenizer (trained on `corpus`; without a chat template,
+    and without the chat tokens unless `chat_tokens`), saved together in `out`."""
+    from seshu.models.registry import build_config, build_model
+
+    tokenizer_dir = save_bpe_tokenizer(corpus, out.parent / f"{out.name}-tokenizer", vocab_size, chat_tokens)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    config = build_config(
+        arch, "tiny", vocab_size=len(tokenizer), context_length=context_length, special_token_ids=ids,
+        overrides={"tie_word_embeddings": tied},
+    )  # fmt: skip
+    build_model(config, seed=0).save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out

@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from matplotlib import image as mpimg
+from peft import LoraConfig, PeftModel, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from seshu.cli.evaluate import app
@@ -357,6 +358,69 @@ def test_cli_perplexity_json_and_table(
     table = runner.invoke(app, args)
     assert table.exit_code == 0, table.output
     assert "bits/byte" in table.stdout and "Devanagari" in table.stdout
+
+
+def save_adapter(base: Path, out: Path) -> Path:
+    """A LoRA adapter of the model folder `base` with random (non-zero) B factors, so that it changes the logits."""
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(str(base)),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "down_proj"]),
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 2.0)
+    peft_model.save_pretrained(str(out))
+    return out
+
+
+def test_cli_perplexity_with_an_adapter_is_that_of_base_plus_adapter(
+    tmp_path: Path, model_dir: Path, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    adapter = save_adapter(model_dir, tmp_path / "adapter")
+    data = tmp_path / "eval.txt"
+    data.write_text("\n".join(ENGLISH + HINDI) + "\n", encoding="utf-8")
+    args = ["perplexity", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--json"]
+    base = CliRunner().invoke(app, args)
+    adapted = CliRunner().invoke(app, [*args, "--adapter", str(adapter)])
+    assert base.exit_code == 0 and adapted.exit_code == 0, (base.output, adapted.output)
+    with_adapter = json.loads(adapted.stdout)["perplexity"]
+    assert abs(with_adapter / json.loads(base.stdout)["perplexity"] - 1) > 0.01
+    # The same figure as the adapter applied by plain peft.
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(model_dir)), str(adapter)).eval()
+    expected = perplexity_report(evaluate_perplexity(reference, tokenizer, ENGLISH + HINDI))
+    assert with_adapter == pytest.approx(expected["perplexity"], rel=1e-5)
+
+
+def test_cli_perplexity_with_an_adapter_for_another_base_exits_2_with_one_line(
+    tmp_path: Path, model_dir: Path, tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    from seshu.cli import main
+
+    narrow = tmp_path / "narrow"
+    config = build_config(
+        "llama",
+        "tiny",
+        vocab_size=len(tokenizer),
+        context_length=CONTEXT,
+        special_token_ids={"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id},
+        overrides={"hidden_size": 32, "intermediate_size": 86},
+    )
+    build_model(config, seed=0).save_pretrained(str(narrow))
+    tokenizer.save_pretrained(str(narrow))
+    adapter = save_adapter(model_dir, tmp_path / "adapter")
+    data = tmp_path / "eval.txt"
+    data.write_text("Rain fell.\n", encoding="utf-8")
+    argv = ["seshu", "eval", "perplexity", "--model", str(narrow), "--data", str(data), "--adapter", str(adapter)]
+    monkeypatch.setattr("sys.argv", [*argv, "--device", "cpu"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert "q_proj.lora_A.weight has shape [4, 64] but the base model needs [4, 32]" in lines[0]
 
 
 def test_cli_errors(tmp_path: Path) -> None:

@@ -55,10 +55,12 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_bpe_tokenizer(CORPUS, tmp_path_factory.mktemp("tokenizer"), vocab_size=300, chat_tokens=True)
 
 
-def _save_model(arch: str, tokenizer_dir: Path, out: Path) -> Path:
+def _save_model(arch: str, tokenizer_dir: Path, out: Path, **overrides: Any) -> Path:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    config = build_config(arch, "tiny", vocab_size=len(tokenizer), context_length=128, special_token_ids=ids)
+    config = build_config(
+        arch, "tiny", vocab_size=len(tokenizer), context_length=128, special_token_ids=ids, overrides=overrides
+    )
     build_model(config, seed=0).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
@@ -285,6 +287,19 @@ def test_adapter_is_applied(llama_dir: Path, adapter_dir: Path) -> None:
     assert generate_text(base, tokenizer, "hello", GREEDY) != text
 
 
+def test_load_adapter_on_a_loaded_base_equals_plain_peft(llama_dir: Path, adapter_dir: Path) -> None:
+    from seshu.merge.adapters import load_adapter
+
+    ids = torch.tensor([[1, 20, 30, 40, 50]])
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(llama_dir)), str(adapter_dir))
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(str(llama_dir)), adapter_dir, str(llama_dir))
+    assert not model.training
+    with torch.no_grad():
+        expected = reference.eval()(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
+        assert not torch.allclose(model.unload()(ids).logits, expected)  # the base again, without the adapter
+
+
 def test_an_adapter_with_its_own_tokenizer_brings_its_chat_template(
     llama_dir: Path, adapter_dir: Path, tmp_path: Path
 ) -> None:
@@ -315,10 +330,42 @@ def test_bad_adapter_dirs(llama_dir: Path, adapter_dir: Path, tmp_path: Path, to
     (empty / "adapter_model.bin").write_bytes(b"pickle")
     with pytest.raises(UserError, match=r"no adapter_model.safetensors \(only adapter_model.bin"):
         load_for_generation(str(llama_dir), str(empty))
-    # A llama adapter on a Mamba model: its target modules do not exist there.
+    # A llama adapter on a Mamba model: refused by the base class it records.
     mamba = _save_model("mamba", tokenizer_dir, tmp_path / "mamba")
-    with pytest.raises(UserError, match="cannot apply the adapter"):
+    with pytest.raises(UserError, match=r"trained on a LlamaForCausalLM, but \S+ is a MambaForCausalLM"):
         load_for_generation(str(mamba), str(adapter_dir), device="cpu")
+
+
+def test_an_adapter_for_a_base_of_another_width_is_one_line_naming_the_tensor(
+    adapter_dir: Path, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    narrow = _save_model("llama", tokenizer_dir, tmp_path / "narrow", hidden_size=32, intermediate_size=86)
+    with pytest.raises(UserError) as info:
+        load_for_generation(str(narrow), str(adapter_dir), device="cpu")
+    message = str(info.value)
+    assert "q_proj.lora_A.weight has shape [4, 64] but the base model needs [4, 32]" in message, message
+    assert "\n" not in message
+
+
+def test_oversized_adapter_files_are_refused_before_they_are_read(
+    llama_dir: Path, adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from seshu.merge import adapters
+
+    monkeypatch.setattr(adapters, "load_file", lambda *a, **k: pytest.fail("read the weights"))
+    monkeypatch.setattr(adapters, "_read_config_json", lambda *a, **k: pytest.fail("read the config"))
+    monkeypatch.setattr("seshu.models.loading.load_causal_lm", lambda *a, **k: pytest.fail("loaded the model first"))
+    size = (adapter_dir / "adapter_model.safetensors").stat().st_size
+    monkeypatch.setattr(adapters, "MAX_WEIGHTS_BYTES", size - 1)
+    expected = rf"adapter_model\.safetensors: is {size:,} bytes, over the limit of {size - 1:,} bytes"
+    with pytest.raises(UserError, match=expected):
+        load_for_generation(str(llama_dir), str(adapter_dir), device="cpu")
+    # A caller's own, smaller limit (the federation's policy), and the config's limit.
+    with pytest.raises(UserError, match=r"over the limit of 1,000 bytes"):
+        adapters.read_adapter(adapter_dir, max_bytes=1000)
+    monkeypatch.setattr(adapters, "MAX_CONFIG_BYTES", 10)
+    with pytest.raises(UserError, match=r"adapter_config\.json: is [\d,]+ bytes, over the limit of 10 bytes"):
+        adapters.read_adapter(adapter_dir, max_bytes=size)
 
 
 @pytest.mark.parametrize(

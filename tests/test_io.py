@@ -61,3 +61,36 @@ def test_staged_dir_leaves_the_target_alone_on_error(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert (target / "keep.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_staged_dir_replaces_the_target_and_leaves_nothing_aside(tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with io.staged_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.*.partial, no .out.*.old
+
+
+def test_staged_dir_puts_the_old_folder_back_when_the_new_one_cannot_be_renamed_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    real_replace = os.replace
+    calls: list[tuple[str, str]] = []
+
+    def fail_second(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # the first moves the old folder aside; the second would move the new one in
+            raise OSError("disk gone")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", fail_second)
+    with pytest.raises(OSError, match="disk gone"), io.staged_dir(target) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert calls[0][0] == "out" and calls[0][1].endswith(".old") and calls[1][1] == "out"
+    assert [p.name for p in target.iterdir()] == ["keep.txt"] and (target / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from seshu.config import PretrainRecipe, SFTRecipe, load_recipe, validate
+from seshu.data.instructions import read_conversations, tokenize_conversation
+from seshu.data.mixing import is_validation
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.train import pretrain, sft
@@ -87,6 +89,14 @@ def test_lora_lowers_answer_loss_and_the_adapter_loads_in_plain_peft(
     assert not list(out.glob("*.bin"))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out)
     tokenizer = AutoTokenizer.from_pretrained(out)
+
+    # What it trained on: the conversations not held out for validation, and their answer tokens.
+    conversations = list(read_conversations(str(alpaca_file)))
+    train = [c for c in conversations if not is_validation(json.dumps(c, sort_keys=True), 0.2, recipe.train.seed)]
+    masks = [tokenize_conversation(tokenizer, c, recipe.train.seq_len)["assistant_masks"] for c in train]
+    assert 0 < result.examples == len(train) < len(TOPICS) * 8
+    assert result.answer_tokens == sum(sum(m) for m in masks) > result.examples  # each answer, then <|im_end|>
+    assert (card["examples"], card["answer_tokens"]) == (result.examples, result.answer_tokens)
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Name the place in sentence 3.\n\nWe met at the school today."}],
         tokenize=False,

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from jinja2.exceptions import TemplateError
@@ -19,8 +18,8 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase, set_seed
 from transformers.generation.streamers import BaseStreamer
 
 from seshu.errors import UserError
-from seshu.models.loading import check_vocab_fits, default_device, load_causal_lm
-from seshu.tokenizer import DEFAULT_CHAT_TEMPLATE, load_tokenizer
+from seshu.models.loading import default_device, load_causal_lm
+from seshu.tokenizer import DEFAULT_CHAT_TEMPLATE
 
 # End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). A chat answer ends at the
 # first of these that the tokenizer knows and the template writes; base models only know eos.
@@ -82,45 +81,22 @@ class SamplingOptions:
 
 
 def load_for_generation(
-    model: str, adapter: str | None = None, device: str | None = None
+    model: str, adapter: str | None = None, device: str | None = None, *, dtype: str | None = None
 ) -> tuple[Any, PreTrainedTokenizerBase]:
-    """A model (with a PEFT LoRA adapter on top when `adapter` is given) and its tokenizer, in eval mode.
+    """A model (with a PEFT LoRA adapter on top when `adapter` is given) and its tokenizer, in eval mode, for
+    generation and evaluation; `dtype` as `load_causal_lm` takes it (default: as saved).
 
-    The adapter stays unmerged: that is the forward pass it was trained with (a merge can differ, e.g. on
-    Mamba's dt_proj). An adapter folder that ships its own tokenizer wins over the model's, because
-    fine-tuning may have changed its chat template.
+    The adapter goes through `seshu.merge.adapters.load_with_adapter`, the one checked way in: it stays unmerged
+    (the forward pass it was trained with; a merge can differ, e.g. on Mamba's dt_proj), and an adapter folder
+    that ships its own tokenizer wins over the model's, because fine-tuning may have changed its chat template.
     """
-    if adapter is not None:
-        _check_adapter_dir(adapter)  # before the model loads, so a typo fails fast
-    lm, tokenizer = load_causal_lm(model, device=device or default_device())
+    device = device or default_device()
     if adapter is None:
-        return lm, tokenizer
+        return load_causal_lm(model, dtype=dtype, device=device)
+    from seshu.merge.adapters import load_with_adapter  # pulls in peft, which is slow to import
 
-    from peft import PeftModel  # peft is slow to import and only needed here
-
-    try:
-        peft_model = PeftModel.from_pretrained(lm, adapter, is_trainable=False)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        # Shape mismatches (an adapter trained on another base) surface as RuntimeError from load_state_dict.
-        raise UserError(f"{adapter}: cannot apply the adapter to {model}: {str(exc).strip().splitlines()[0]}") from None
-    peft_model.eval()
-    if (Path(adapter) / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(adapter)
-        embeddings = cast(torch.nn.Embedding, lm.get_input_embeddings())
-        check_vocab_fits(tokenizer, embeddings.num_embeddings, adapter)
-    return peft_model, tokenizer
-
-
-def _check_adapter_dir(adapter: str) -> None:
-    path = Path(adapter)
-    if not path.is_dir():
-        raise UserError(f"{adapter}: adapter directory not found")
-    if not (path / "adapter_config.json").is_file():
-        raise UserError(f"{adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    if not (path / "adapter_model.safetensors").is_file():
-        pickle = (path / "adapter_model.bin").is_file()
-        extra = " (only adapter_model.bin; Seshu loads safetensors only)" if pickle else ""
-        raise UserError(f"{adapter}: no adapter_model.safetensors{extra}")
+    loaded = load_with_adapter(model, adapter, dtype=dtype, device=device)
+    return loaded.model, loaded.tokenizer
 
 
 # --------------------------------------------------------------------------------------------------

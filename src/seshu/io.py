@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -75,19 +76,37 @@ def write_text_atomic(path: Path, text: str) -> None:
 def staged_dir(target: Path) -> Iterator[Path]:
     """A temporary sibling folder that replaces `target` only when the block succeeds.
 
-    On any error the temporary folder is removed and `target` is left as it was.
+    On any error the temporary folder is removed and `target` is left as it was. The old `target` is renamed
+    aside (to a hidden sibling) before the new one is renamed in, and deleted only then: a crash at any moment
+    leaves the old folder or the new one at `target` (or, between the two renames, the old one aside, under
+    `.NAME.*.old`), never neither.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _swap_in(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an old folder there stays whole (at `target`, or aside and put back on a failed
+    rename) until the new one is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    # A fresh name, not a reserved empty folder: renaming a folder onto an existing one fails on Windows.
+    aside = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.old")
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)  # put the old one back: the caller sees the error and the old folder
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def publish_files(staging: Path, target: Path) -> None:

@@ -18,6 +18,7 @@ app = typer.Typer(help="Evaluate models and plot training runs.", no_args_is_hel
 def perplexity(
     model: str = typer.Option(..., "--model", help="Model folder or Hub id."),
     data: list[str] = typer.Option(..., "--data", help="Corpus file, folder or dataset id (repeatable)."),
+    adapter: str | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder applied on top of the model."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSON/CSV/Parquet records."),
     max_length: int | None = typer.Option(
         None, "--max-length", help="Tokens per window; default the model's context (1024 if it has none)."
@@ -42,6 +43,7 @@ def perplexity(
     report = perplexity_from_paths(
         model,
         data,
+        adapter=adapter,
         text_field=text_field,
         max_length=max_length,
         stride=stride,
@@ -54,7 +56,7 @@ def perplexity(
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False))
         return
-    table = Table(title=model)
+    table = Table(title=model if adapter is None else f"{model} + {adapter}")
     for column in ("script", "documents", "tokens", "perplexity", "bits/byte"):
         table.add_column(column, justify="left" if column == "script" else "right")
     table.add_row(*_cells("all", report), end_section=True)

@@ -289,6 +289,7 @@ def perplexity_from_paths(
     model: str,
     data: list[str],
     *,
+    adapter: str | None = None,
     text_field: str = "text",
     max_length: int | None = None,
     stride: int | None = None,
@@ -299,9 +300,10 @@ def perplexity_from_paths(
     progress: bool = False,
 ) -> dict[str, Any]:
     """`seshu eval perplexity` as a function: the `perplexity_report` of the model folder (or Hub id)
-    `model` on the documents of `data` (files, folders or dataset ids), the first `max_docs` if set."""
+    `model`, with the PEFT adapter folder `adapter` applied when given, on the documents of `data` (files,
+    folders or dataset ids), the first `max_docs` if set."""
     from seshu.data.sources import read_documents
-    from seshu.models.loading import default_device, load_causal_lm
+    from seshu.generate import load_for_generation
 
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs must be at least 1, not {max_docs}")
@@ -310,7 +312,7 @@ def perplexity_from_paths(
     documents: Iterable[str] = (doc for stream in streams for doc in stream)
     if max_docs is not None:
         documents = islice(documents, max_docs)
-    lm, tokenizer = load_causal_lm(model, dtype=dtype, device=device or default_device())
+    lm, tokenizer = load_for_generation(model, adapter, device, dtype=dtype)
     totals = evaluate_perplexity(
         lm,
         tokenizer,

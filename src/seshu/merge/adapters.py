@@ -1,15 +1,18 @@
-"""Reading a PEFT adapter folder the careful way: it is untrusted input.
+"""Reading and applying a PEFT adapter folder the careful way: it is untrusted input.
 
-The federation receives adapters from strangers, and `seshu adapters fold` and `seshu merge` read them: safetensors
-only, a config that peft understands field by field, finite values, and (in `check_adapter_tensors`) every tensor
-matched by name and shape against what the config makes of the base, so that an adapter for another base fails
-with the tensor's name before anything is written.
+The federation receives adapters from strangers, and every Seshu command that takes one (`adapters fold`, `merge`,
+`generate`/`chat --adapter`, `eval perplexity|generate --adapter`) reads it here: files within a size limit,
+safetensors only, a config that peft understands field by field, finite values, and (in `apply_adapter`) every
+tensor matched by name and shape against what the config makes of the base, so that an adapter for another base
+fails with the tensor's name before anything is computed or written. `load_with_adapter` is the whole path from
+two folders to a model in eval mode; `load_adapter` applies an adapter to a model already loaded.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +24,16 @@ from safetensors.torch import load_file
 from seshu.errors import UserError
 
 if TYPE_CHECKING:
-    from peft import PeftConfig
+    from peft import PeftConfig, PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# Largest files read, checked before reading. A LoRA adapter of rank 64 on every projection of a 7B model is
+# ~0.6 GB in float32, so 4 GiB leaves room for big bases and high ranks while refusing a file that would fill
+# memory; a config is a few hundred bytes of JSON. The federation passes its policy's own, smaller limit.
+MAX_WEIGHTS_BYTES = 4 << 30
+MAX_CONFIG_BYTES = 1 << 20
 # Task types that wrap a causal LM the way `seshu sft` trains it; others (classification heads) do not apply here.
 _CAUSAL_TASK_TYPES = (None, "CAUSAL_LM")
 
@@ -44,12 +53,14 @@ class AdapterFiles:
     tensors: dict[str, torch.Tensor]
 
 
-def read_adapter(path: str | Path) -> AdapterFiles:
+def read_adapter(path: str | Path, *, max_bytes: int | None = None) -> AdapterFiles:
     """The config and tensors of a PEFT adapter folder, checked before any model is touched.
 
-    Refuses a folder without adapter_model.safetensors (pickle weights can run code when loaded), a config that
-    is not JSON or has fields this peft does not know (they could change what the adapter computes), adapters
-    that are not weight deltas (prompt learning), and tensors that are empty, not floating point or not finite.
+    Refuses a folder without adapter_model.safetensors (pickle weights can run code when loaded), files larger
+    than `max_bytes` (the weights; default `MAX_WEIGHTS_BYTES`) or `MAX_CONFIG_BYTES` (the config) before
+    reading them, a config that is not JSON or has fields this peft does not know (they could change what the
+    adapter computes), adapters that are not weight deltas (prompt learning), and tensors that are empty, not
+    floating point or not finite.
     """
     path = Path(path)
     if not path.is_dir():
@@ -62,10 +73,19 @@ def read_adapter(path: str | Path) -> AdapterFiles:
         pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         extra = f" (only {', '.join(pickles)}: pickle files can run code, so Seshu loads safetensors only)"
         raise UserError(f"{path}: no {ADAPTER_WEIGHTS}{extra if pickles else ''}")
+    # Both sizes first: a config within its limit is no reason to start on weights that are over theirs.
+    _check_size(config_path, MAX_CONFIG_BYTES)
+    _check_size(weights, MAX_WEIGHTS_BYTES if max_bytes is None else max_bytes)
     raw = _read_config_json(config_path)
     config = _peft_config(raw, config_path)
     tensors = _read_tensors(weights)
     return AdapterFiles(path=path, raw_config=raw, config=config, tensors=tensors)
+
+
+def _check_size(path: Path, limit: int) -> None:
+    size = path.stat().st_size
+    if size > limit:
+        raise UserError(f"{path}: is {size:,} bytes, over the limit of {limit:,} bytes; it was not read")
 
 
 def _read_config_json(path: Path) -> dict[str, Any]:
@@ -134,6 +154,95 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], found: dict[str,
                 f"{where}: tensor {name} has shape {list(found[name])} but the base model needs {list(shape)}; "
                 "the adapter was trained on another base model"
             )
+
+
+# --------------------------------------------------------------------------------------------------
+# Applying an adapter to its base
+
+
+def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> PeftModel:
+    """`model` (the base `base`, a folder or Hub id, named in errors) with the checked adapter `files` applied,
+    unmerged (the forward pass it was trained with), in eval mode, after matching every tensor against the base.
+
+    peft wraps `model`'s own modules in place: to use the bare base again, `unload()` the result."""
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict  # seconds to import
+
+    where = str(files.path)
+    mapping = files.raw_config.get("auto_mapping")
+    trained_on = mapping.get("base_model_class") if isinstance(mapping, dict) else None
+    if trained_on and trained_on != type(model).__name__:
+        raise UserError(
+            f"{where}: the adapter was trained on a {trained_on}, but {base} is a {type(model).__name__}; "
+            "give the base model it was trained on"
+        )
+    try:
+        with warnings.catch_warnings():
+            # The adapter's recorded base path rarely matches this machine's; cards keep it as `trained_on`.
+            warnings.filterwarnings("ignore", message=r".*base_model_name_or_path.*was renamed")
+            peft_model = get_peft_model(model, files.config)
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        # e.g. "Target modules {'c_attn'} not found in the base model": the adapter is for another architecture.
+        raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
+    # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary was resized.
+    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    check_adapter_tensors(
+        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in files.tensors.items()}, where
+    )
+    try:
+        # peft's annotation says a bare namedtuple; it is torch's _IncompatibleKeys.
+        result: Any = set_peft_model_state_dict(peft_model, files.tensors)
+    except RuntimeError as exc:  # shape mismatches in tensors peft placed itself
+        raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
+    if result.unexpected_keys:
+        extra = sorted(set(files.tensors) - set(expected)) or list(result.unexpected_keys)
+        raise UserError(f"{where}: tensor {extra[0]} belongs to no module of {base}; the adapter is for another base")
+    peft_model.eval()
+    return peft_model
+
+
+def load_adapter(
+    model: PreTrainedModel, path: str | Path, base: str, *, max_bytes: int | None = None
+) -> PeftModel:
+    """The adapter folder `path`, read and checked (`read_adapter`), applied to the loaded base `model` (named
+    `base` in errors) by `apply_adapter`: unmerged, in eval mode."""
+    return apply_adapter(model, read_adapter(path, max_bytes=max_bytes), base)
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """A base model with an adapter applied, the tokenizer to use with it, and the adapter's checked files."""
+
+    model: PeftModel
+    tokenizer: PreTrainedTokenizerBase
+    files: AdapterFiles
+
+
+def load_with_adapter(
+    base: str,
+    adapter: str | Path,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    max_bytes: int | None = None,
+) -> LoadedAdapter:
+    """The model `base` (folder or Hub id; `dtype`, `device` as `load_causal_lm` takes them) with the adapter
+    folder `adapter` applied by `apply_adapter`.
+
+    The adapter is read and checked before the model loads, so a bad adapter fails in a second. An adapter
+    folder that ships its own tokenizer wins over the base's, because fine-tuning may have changed its chat
+    template; it must still fit the base's embeddings.
+    """
+    # Imported here: `seshu merge` reads adapters too, and merging needs neither transformers nor peft.
+    from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
+    from seshu.tokenizer import load_tokenizer
+
+    files = read_adapter(adapter, max_bytes=max_bytes)
+    model, tokenizer = load_causal_lm(base, dtype=dtype, device=device)
+    peft_model = apply_adapter(model, files, base)
+    if (files.path / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(str(files.path))
+        check_vocab_fits(tokenizer, embedding_rows(model), str(files.path))
+    return LoadedAdapter(model=peft_model, tokenizer=tokenizer, files=files)
 
 
 def first_line(exc: BaseException) -> str:

@@ -5,38 +5,28 @@ pass it was trained with), takes reference logits on a few fixed inputs, merges,
 takes the logits again from the weights as they will be saved. The fold is written only when the two agree
 within the dtype's tolerance; the figures go into the model card.
 
-The adapter is read and checked by `seshu.merge.adapters` (it is untrusted input); `apply_adapter` then matches
-every tensor by name and shape against what the config makes of the base.
+The adapter is read, checked and applied by `seshu.merge.adapters.load_with_adapter` (it is untrusted input), which
+matches every tensor by name and shape against what the config makes of the base.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seshu.errors import UserError
 from seshu.generate import encode_prompt
 from seshu.hub.card import check_replaceable_output, describe_inputs, render_card
 from seshu.io import sha256_file, staged_dir
-from seshu.merge.adapters import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    AdapterFiles,
-    check_adapter_tensors,
-    first_line,
-    read_adapter,
-)
-from seshu.models.loading import DTYPES, check_vocab_fits, embedding_rows, load_causal_lm
+from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, first_line, load_with_adapter
+from seshu.models.loading import DTYPES, embedding_rows
 from seshu.models.registry import count_parameters
-from seshu.tokenizer import load_tokenizer
 
 CARD_COMMAND = "adapters fold"
 
@@ -100,41 +90,6 @@ class FoldReport:
     dtype: str
     parameters: int
     check: LogitCheck
-
-
-def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> PeftModel:
-    """`model` with the adapter applied, unmerged, after matching every tensor against the base."""
-    where = str(files.path)
-    mapping = files.raw_config.get("auto_mapping")
-    trained_on = mapping.get("base_model_class") if isinstance(mapping, dict) else None
-    if trained_on and trained_on != type(model).__name__:
-        raise UserError(
-            f"{where}: the adapter was trained on a {trained_on}, but {base} is a {type(model).__name__}; "
-            "give the base model it was trained on"
-        )
-    try:
-        with warnings.catch_warnings():
-            # The adapter's recorded base path rarely matches this machine's; the card keeps it as `trained_on`.
-            warnings.filterwarnings("ignore", message=r".*base_model_name_or_path.*was renamed")
-            peft_model = get_peft_model(model, files.config)
-    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        # e.g. "Target modules {'c_attn'} not found in the base model": the adapter is for another architecture.
-        raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
-    # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary was resized.
-    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    check_adapter_tensors(
-        {k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in files.tensors.items()}, where
-    )
-    try:
-        # peft's annotation says a bare namedtuple; it is torch's _IncompatibleKeys.
-        result: Any = set_peft_model_state_dict(peft_model, files.tensors)
-    except RuntimeError as exc:  # shape mismatches in tensors peft placed itself
-        raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
-    if result.unexpected_keys:
-        extra = sorted(set(files.tensors) - set(expected)) or list(result.unexpected_keys)
-        raise UserError(f"{where}: tensor {extra[0]} belongs to no module of {base}; the adapter is for another base")
-    peft_model.eval()
-    return peft_model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -207,15 +162,11 @@ def fold_adapter(
         raise UserError(f"unknown dtype '{dtype}'; choose one of: {', '.join(TOLERANCES)}")
     out = Path(out)
     check_replaceable_output(out, [base, adapter], (CARD_COMMAND,), "a folded model")
-    files = read_adapter(adapter)
     # float32 for the fold itself: merging into a 16-bit base would round W + BA twice.
-    model, tokenizer = load_causal_lm(base, dtype="float32", device="cpu")
-    peft_model = apply_adapter(model, files, base)
-    if (files.path / "tokenizer_config.json").is_file():
-        tokenizer = load_tokenizer(adapter)
-        check_vocab_fits(tokenizer, embedding_rows(model), adapter)
-
-    inputs = check_inputs(tokenizer, list(check_prompts or DEFAULT_CHECK_TEXTS), embedding_rows(model))
+    loaded = load_with_adapter(base, adapter, dtype="float32", device="cpu")
+    peft_model, tokenizer, files = loaded.model, loaded.tokenizer, loaded.files
+    vocab = embedding_rows(cast(PreTrainedModel, peft_model.get_base_model()))
+    inputs = check_inputs(tokenizer, list(check_prompts or DEFAULT_CHECK_TEXTS), vocab)
     reference = model_logits(peft_model, inputs)
     with peft_model.disable_adapter():
         base_logits = model_logits(peft_model, inputs)

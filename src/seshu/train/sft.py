@@ -58,6 +58,8 @@ class SFTResult:
     trainable_parameters: int
     total_parameters: int
     steps: int
+    examples: int  # training conversations (validation ones not counted)
+    answer_tokens: int  # tokens of those conversations the loss covered (assistant mask 1)
 
 
 class SeshuSFTTrainer(LanguageModelLossMixin, SFTTrainer):
@@ -108,6 +110,16 @@ def _fingerprint(recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, split: s
         "seed": recipe.train.seed,
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def answer_tokens(ds: datasets.Dataset) -> int:
+    """Tokens with assistant mask 1 in `ds`, summed by Arrow over the memory-mapped column (no row is
+    decoded into Python)."""
+    import pyarrow.compute as pc
+
+    masks = ds.with_format("arrow")["assistant_masks"]
+    total = pc.sum(pc.list_flatten(masks)).as_py()
+    return int(total or 0)
 
 
 def build_datasets(
@@ -247,6 +259,8 @@ def _card(recipe: SFTRecipe, result: SFTResult) -> str:
             "trainable_parameters": result.trainable_parameters,
             "total_parameters": result.total_parameters,
             "steps": result.steps,
+            "examples": result.examples,
+            "answer_tokens": result.answer_tokens,
             "metrics": result.metrics,
             "inputs": describe_inputs([*sources, *([recipe.tokenizer.path] if recipe.tokenizer.path else [])]),
             "base_model": describe_model(base) if base else [],
@@ -314,6 +328,14 @@ def run(recipe: SFTRecipe, *, resume: bool = False, callbacks: list[Any] | None 
         )
         train_resumably(trainer, out, resume)
         metrics = final_metrics(trainer, has_eval=True)
-    result = SFTResult(out, metrics, trainable, total, trainer.state.global_step)
+    result = SFTResult(
+        output_dir=out,
+        metrics=metrics,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        steps=trainer.state.global_step,
+        examples=len(train_ds),
+        answer_tokens=answer_tokens(train_ds),
+    )
     publish(trainer, tokenizer, _card(recipe, result), out)
     return result
