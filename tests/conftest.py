@@ -50,3 +50,36 @@ def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop("SESHU_CACHE_DIR", None)
     else:
         os.environ["SESHU_CACHE_DIR"] = previous
+
+
+# The federation's database tests run on SQLite always and on PostgreSQL when SESHU_TEST_POSTGRES_URL names a
+# server whose role may create databases (.ci/run starts one): each test gets a database of its own.
+POSTGRES_ENV = "SESHU_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    import os
+    import uuid
+
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'federation.db'}"
+        return
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        if os.environ.get("CI"):
+            pytest.fail(f"{POSTGRES_ENV} is not set: CI must run the suite against PostgreSQL too")
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_ENV} (e.g. postgresql://seshu:seshu@127.0.0.1/postgres)")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"seshu_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

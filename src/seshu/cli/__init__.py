@@ -20,12 +20,14 @@ app = typer.Typer(
 
 def _register() -> None:
     # Imported here so that `seshu --help` stays fast and each group owns its own module.
-    from seshu.cli import adapters, evaluate, generate, merge, moe, pretrain, quickstart, sft, tokenizer
+    from seshu.cli import adapters, client, evaluate, generate, merge, moe, pretrain, quickstart, server, sft, tokenizer
 
     app.add_typer(tokenizer.app, name="tokenizer")
     app.add_typer(evaluate.app, name="eval")
     app.add_typer(adapters.app, name="adapters")
     app.add_typer(moe.app, name="moe")
+    app.add_typer(server.app, name="server")
+    app.add_typer(client.app, name="client")
     pretrain.register(app)
     sft.register(app)
     merge.register(app)

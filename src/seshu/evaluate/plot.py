@@ -70,19 +70,22 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     if not curves.loss and not curves.perplexity:
         raise UserError(f"{log}: no training or evaluation entries yet; plot again after the first log step")
     out = Path(out) if out is not None else run_dir / PLOT_NAME
-    fmt = out.suffix.lstrip(".").lower() or "png"
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, ppl_ax = figure.subplots(1, 2)
+    panel(loss_ax, curves.loss, "training loss", "loss", "tab:blue", log_y=False)
+    panel(ppl_ax, curves.perplexity, "validation perplexity", "perplexity", "tab:orange", log_y=True)
+    figure.suptitle(run_dir.resolve().name)
+    return save_figure(figure, out)
 
+
+def save_figure(figure: Figure, out: Path) -> Path:
+    """Write `figure` to `out` atomically, in the format its suffix names (PNG when it has none)."""
+    fmt = out.suffix.lstrip(".").lower() or "png"
     # Figure + FigureCanvasAgg rather than pyplot: no global state and no GUI backend, whatever the
     # importer's matplotlib is set up for, and nothing to close afterwards.
-    figure = Figure(figsize=(10, 4), layout="constrained")
     canvas = FigureCanvasAgg(figure)
     if fmt not in canvas.get_supported_filetypes():
         raise UserError(f"{out}: cannot write '.{fmt}' images; use .png, .svg or .pdf")
-    loss_ax, ppl_ax = figure.subplots(1, 2)
-    _panel(loss_ax, curves.loss, "training loss", "loss", "tab:blue", log_y=False)
-    _panel(ppl_ax, curves.perplexity, "validation perplexity", "perplexity", "tab:orange", log_y=True)
-    figure.suptitle(run_dir.resolve().name)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
@@ -95,9 +98,19 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     return out
 
 
-def _panel(ax: Axes, points: list[tuple[int, float]], title: str, ylabel: str, color: str, *, log_y: bool) -> None:
+def panel(
+    ax: Axes,
+    points: list[tuple[int, float]],
+    title: str,
+    ylabel: str,
+    color: str,
+    *,
+    log_y: bool,
+    xlabel: str = "step",
+) -> None:
+    """One curve of `points` (x, value) on `ax`; non-finite values are left out."""
     ax.set_title(title)
-    ax.set_xlabel("step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     # A diverged run logs inf/nan; they cannot be drawn (least of all on a log axis), so they are skipped.
     finite = [(s, v) for s, v in points if math.isfinite(v) and (v > 0 or not log_y)]

@@ -1,0 +1,338 @@
+"""Receiving adapters: resumable uploads into staging, then one submission checked, stored and queued.
+
+An upload is one file, announced with its size and sha256, sent in any number of PUTs at the offset the server
+reports (so a cut connection resumes where the server's copy ends), hashed as it streams and capped at the
+announced size. A submission names its files by upload (or an adapter on the Hugging Face Hub, fetched at a
+pinned commit) and is checked before anything is stored: a rejected one is recorded with its reason and leaves
+nothing in the store. An accepted one's folder goes into the store first and becomes visible only with the
+database commit that records it and queues its evaluation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from seshu.errors import UserError
+from seshu.federation import queue
+from seshu.federation.layout import Federation
+from seshu.federation.models import Client, Release, Submission, Upload
+
+MAX_FILES = 32
+# Files a donor may hand over through one upload: the adapter and the tokenizer/chat files beside it.
+_FILE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+class Conflict(UserError):
+    """The request is well-formed but clashes with the state (an upload at the wrong offset): HTTP 409."""
+
+
+class NotFound(UserError):
+    """HTTP 404."""
+
+
+def current_release(session: Session) -> Release:
+    version = session.scalar(select(func.max(Release.version)))
+    if version is None:
+        raise UserError("the federation has no release; it was not initialised")
+    release = session.get(Release, version)
+    assert release is not None
+    return release
+
+
+# --------------------------------------------------------------------------------------------------
+# Uploads
+
+
+def create_upload(fed: Federation, client: Client, size: int, sha256: str) -> Upload:
+    limit = fed.policy.limits.max_adapter_bytes
+    if size < 1 or size > limit:
+        raise UserError(f"upload of {size} bytes: files must be 1 to {limit} bytes (the policy's max_adapter_bytes)")
+    sha256 = sha256.lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise UserError("sha256 must be 64 hexadecimal digits")
+    with fed.db.transaction() as session:
+        upload = Upload(id=secrets.token_hex(16), client_id=client.id, size=size, sha256=sha256, received=0)
+        session.add(upload)
+    fed.upload_path(upload.id).touch()
+    return upload
+
+
+def get_upload(session: Session, client: Client, upload_id: str) -> Upload:
+    upload = session.get(Upload, upload_id)
+    if upload is None or upload.client_id != client.id:  # another client's upload does not exist for this one
+        raise NotFound(f"upload {upload_id} not found")
+    return upload
+
+
+def upload_offset(fed: Federation, upload: Upload) -> int:
+    """Bytes the server holds: the staging file is the truth (it is appended to before the database learns of it,
+    so after a crash it may be ahead of `received`, never behind)."""
+    path = fed.upload_path(upload.id)
+    return path.stat().st_size if path.exists() else 0
+
+
+# Running hashes of uploads in progress, so that a file is hashed once as it streams; after a restart the hash
+# of what is on disk is taken again once.
+_HASHERS: dict[str, tuple[int, Any]] = {}
+_HASHERS_LOCK = threading.Lock()
+
+
+def _hasher(path: Path, upload_id: str, offset: int) -> Any:
+    with _HASHERS_LOCK:
+        held = _HASHERS.pop(upload_id, None)
+    if held is not None and held[0] == offset:
+        return held[1]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        remaining = offset
+        while remaining and (block := handle.read(min(remaining, 1 << 20))):
+            digest.update(block)
+            remaining -= len(block)
+    return digest
+
+
+async def append_upload(
+    fed: Federation, client: Client, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
+) -> Upload:
+    """Append the request body to the upload at `offset` (which must be where the server's copy ends). When the
+    last byte arrives the sha256 is checked: a mismatch deletes the upload."""
+    with fed.db.read() as session:
+        upload = get_upload(session, client, upload_id)
+    if upload.complete:
+        raise Conflict(f"upload {upload_id} is complete already")
+    path = fed.upload_path(upload_id)
+    held = upload_offset(fed, upload)
+    if offset != held:
+        raise Conflict(f"upload {upload_id} continues at offset {held}, not {offset}")
+    digest = _hasher(path, upload_id, held)
+    received = held
+    try:
+        with open(path, "r+b") as handle:
+            handle.seek(held)
+            async for chunk in chunks:
+                if received + len(chunk) > upload.size:
+                    raise UserError(f"upload {upload_id} sent more than the {upload.size} bytes it announced")
+                handle.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+    except UserError:
+        _discard_upload(fed, upload_id)
+        raise
+    finally:
+        if path.exists() and received < upload.size:
+            with _HASHERS_LOCK:
+                _HASHERS[upload_id] = (received, digest)
+    complete = received == upload.size
+    if complete and digest.hexdigest() != upload.sha256:
+        _discard_upload(fed, upload_id)
+        raise UserError(
+            f"upload {upload_id}: the file's sha256 is {digest.hexdigest()}, not {upload.sha256}; send it again"
+        )
+    with fed.db.transaction() as session:
+        row = session.get(Upload, upload_id)
+        if row is None:
+            raise NotFound(f"upload {upload_id} not found")
+        row.received, row.complete = received, complete
+        upload = row
+    return upload
+
+
+def _discard_upload(fed: Federation, upload_id: str) -> None:
+    with _HASHERS_LOCK:
+        _HASHERS.pop(upload_id, None)
+    with fed.db.transaction() as session:
+        row = session.get(Upload, upload_id)
+        if row is not None:
+            session.delete(row)
+    fed.upload_path(upload_id).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Submissions
+
+
+@dataclass(frozen=True)
+class SubmissionRequest:
+    task: str
+    language: str
+    release_version: int
+    files: dict[str, str]  # file name -> upload id (empty for a Hub submission)
+    hub: str | None = None  # REPO[@REVISION]
+    examples: int = 0
+    answer_tokens: int = 0
+    train_config: dict[str, Any] | None = None
+
+
+def _check_file_name(name: str) -> None:
+    if not name or name in (".", "..") or not set(name) <= _FILE_NAME_CHARS or name.startswith("."):
+        raise UserError(f"file name {name!r} is not allowed: plain names of letters, digits, '.', '_' and '-' only")
+
+
+def submit(
+    fed: Federation,
+    client: Client,
+    request: SubmissionRequest,
+    fetch_hub: Callable[[str, Path], str] | None = None,
+) -> Submission:
+    """Check the submission and record it: validated and queued for evaluation, or rejected with its reason.
+
+    Bad requests (unknown uploads, a task without an evaluation set) raise UserError and record nothing; an
+    adapter that fails its checks is recorded as rejected, so that its donor sees why."""
+    from seshu.evaluate.tasks import TASKS
+
+    if request.task not in TASKS:
+        raise UserError(f"unknown task '{request.task}'; choose one of: {', '.join(TASKS)}")
+    if not request.language or len(request.language) > 32:
+        raise UserError("language must be a short code such as hi or en")
+    if (request.hub is None) == (not request.files):
+        raise UserError("a submission is either uploaded files or a Hub reference, exactly one of them")
+    if len(request.files) > MAX_FILES:
+        raise UserError(f"a submission holds at most {MAX_FILES} files")
+    for name in request.files:
+        _check_file_name(name)
+    with fed.db.read() as session:
+        release = current_release(session)
+        uploads = {name: get_upload(session, client, uid) for name, uid in request.files.items()}
+        eval_sets = dict(release.eval_sets)
+    for name, upload in uploads.items():
+        if not upload.complete:
+            raise Conflict(
+                f"upload {upload.id} ({name}) is not complete: it holds {upload.received} of {upload.size} bytes"
+            )
+
+    blind_id = secrets.token_hex(8)
+    folder = fed.scratch(f"submission-{blind_id}-")
+    try:
+        hub_ref = None
+        try:
+            if request.hub is not None:
+                hub_ref = (fetch_hub or fetch_hub_adapter)(request.hub, folder)
+            else:
+                for name, upload in uploads.items():
+                    os.link(fed.upload_path(upload.id), folder / name)  # same disk: a link, not a copy
+            checks = _check(fed, folder, request, release)
+        except UserError as exc:
+            return _record(fed, client, request, blind_id, release, eval_sets, None, hub_ref, {}, str(exc))
+        manifest = fed.store.put_dir(folder)
+        return _record(fed, client, request, blind_id, release, eval_sets, manifest, hub_ref, checks, "")
+    finally:
+        fed.forget_scratch(folder)
+        for upload in uploads.values():
+            fed.upload_path(upload.id).unlink(missing_ok=True)
+
+
+def _check(fed: Federation, folder: Path, request: SubmissionRequest, release: Release) -> dict[str, Any]:
+    from seshu.federation.validation import validate_adapter
+
+    if request.release_version != release.version:
+        raise UserError(
+            f"the adapter was trained on release v{request.release_version}, but the current release is "
+            f"v{release.version}; pull it and train again"
+        )
+    base = fed.unpack(release.manifest_sha256, "releases")
+    checked = validate_adapter(folder, base, fed.policy)
+    return {
+        "rank": checked.rank,
+        "target_modules": list(checked.target_modules),
+        "total_norm": checked.total_norm,
+        "max_module_norm": max(checked.module_norms.values(), default=0.0),
+        "parameters": checked.parameters,
+    }
+
+
+def _record(
+    fed: Federation,
+    client: Client,
+    request: SubmissionRequest,
+    blind_id: str,
+    release: Release,
+    eval_sets: dict[str, Any],
+    manifest: str | None,
+    hub_ref: str | None,
+    checks: dict[str, Any],
+    reason: str,
+) -> Submission:
+    with fed.db.transaction() as session:
+        submission = Submission(
+            blind_id=blind_id,
+            client_id=client.id,
+            release_version=request.release_version,
+            task=request.task,
+            language=request.language,
+            status="rejected" if reason else "validated",
+            reason=reason,
+            source="hub" if request.hub else "upload",
+            hub_ref=hub_ref or request.hub,
+            adapter_manifest=manifest,
+            examples_claimed=max(0, request.examples),
+            answer_tokens=max(0, request.answer_tokens),
+            train_config=request.train_config or {},
+            checks=checks,
+        )
+        session.add(submission)
+        session.flush()
+        for upload_id in request.files.values():
+            row = session.get(Upload, upload_id)
+            if row is not None:
+                session.delete(row)
+        if not reason:
+            assert manifest is not None
+            queue.enqueue(
+                session,
+                submission.id,
+                {
+                    "blind_id": blind_id,
+                    "task": request.task,
+                    "language": request.language,
+                    "release_version": release.version,
+                    "release_manifest": release.manifest_sha256,
+                    "adapter_manifest": manifest,
+                    "eval_sets": eval_sets,
+                },
+            )
+    return submission
+
+
+def fetch_hub_adapter(ref: str, folder: Path) -> str:
+    """Download the adapter `REPO[@REVISION]` from the Hugging Face Hub into `folder`, pinned to the commit the
+    revision names now (so what is evaluated is what is merged); returns `REPO@COMMIT`."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    repo, _, revision = ref.partition("@")
+    if repo.count("/") != 1:
+        raise UserError(f"{ref}: name a Hub repository as owner/name[@revision]")
+    try:
+        commit = HfApi().model_info(repo, revision=revision or None).sha
+        assert commit is not None
+        snapshot_download(
+            repo,
+            revision=commit,
+            local_dir=folder,
+            allow_patterns=[
+                "adapter_config.json",
+                "adapter_model.safetensors",
+                "*.json",
+                "*.jinja",
+                "*.txt",
+                "README.md",
+            ],
+        )
+    except (HfHubHTTPError, OSError, ValueError) as exc:
+        raise UserError(f"{ref}: cannot fetch it from the Hub: {str(exc).splitlines()[0]}") from None
+    cache = folder / ".cache"
+    if cache.exists():  # huggingface_hub's download bookkeeping, not part of the adapter
+        import shutil
+
+        shutil.rmtree(cache)
+    return f"{repo}@{commit}"

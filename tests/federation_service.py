@@ -1,0 +1,74 @@
+"""Test-only builders for whole federations: a tiny base with a tokenizer, evaluation sets, and a coordinator
+served over real HTTP on 127.0.0.1 in a thread of the test process."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from helpers import save_tiny_model
+
+from seshu import assets
+
+INSTRUCT = Path(assets.resolve("seshu:instructions/instruct.jsonl"))
+EN = Path(assets.resolve("seshu:corpus/en.txt"))
+HI = Path(assets.resolve("seshu:corpus/hi.txt"))
+# The bundled instructions split once: donors train on the first records, the federation judges on the rest.
+DONOR_RECORDS, EVAL_RECORDS = slice(0, 30), slice(30, 40)
+
+
+def save_tiny_chatless_base(out: Path, arch: str = "llama") -> Path:
+    """A tiny random model with a byte-level BPE tokenizer that has neither chat tokens nor a chat template (so
+    `server init` must make it chat-ready)."""
+    docs = [line for path in (EN, HI) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return save_tiny_model(out, docs, arch=arch, vocab_size=400, context_length=512)
+
+
+def write_sets(folder: Path) -> dict[str, Path]:
+    """A general English set and an instruct set, held out from what donors train on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    general = folder / "general-en.txt"
+    general.write_text("\n".join(EN.read_text(encoding="utf-8").splitlines()[-20:]) + "\n", encoding="utf-8")
+    lines = INSTRUCT.read_text(encoding="utf-8").splitlines()
+    instruct = folder / "instruct.jsonl"
+    instruct.write_text("\n".join(lines[EVAL_RECORDS]) + "\n", encoding="utf-8")
+    donor = folder / "donor.jsonl"
+    donor.write_text("\n".join(lines[DONOR_RECORDS]) + "\n", encoding="utf-8")
+    return {"general-en": general, "instruct": instruct, "donor": donor}
+
+
+def write_policy(path: Path, **limits: object) -> Path:
+    path.write_text(json.dumps({"limits": limits, "acceptance": {"max_regression": 0.05}}), encoding="utf-8")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serving(app: object) -> Iterator[str]:
+    """Serve `app` with uvicorn on a free loopback port for the duration of the block; yields its URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test coordinator did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
