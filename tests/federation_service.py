@@ -7,7 +7,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,3 +72,22 @@ def serving(app: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def upload_folder(fed: object, client: object, folder: Path) -> dict[str, str]:
+    """Every file of `folder` uploaded through the coordinator's own upload functions (no HTTP): name -> upload id."""
+    import asyncio
+    import hashlib
+
+    from seshu.federation.submissions import append_upload, create_upload
+
+    async def body(data: bytes) -> AsyncIterator[bytes]:
+        yield data
+
+    ids = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        data = path.read_bytes()
+        upload = create_upload(fed, client, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
+        asyncio.run(append_upload(fed, client, upload.id, 0, body(data)))  # type: ignore[arg-type]
+        ids[path.name] = upload.id
+    return ids

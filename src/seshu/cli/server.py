@@ -124,6 +124,9 @@ def worker(
     instance: str | None = typer.Option(None, "--instance", help="This worker's name among its token's workers."),
     cache: Path | None = typer.Option(None, "--cache", help="Where a remote worker keeps releases and adapters."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps (default: the best there is)."),
+    lease_seconds: float = typer.Option(
+        600.0, "--lease-seconds", min=1.0, help="How long a claim holds without renewal (renewed every third)."
+    ),
 ) -> None:
     """Evaluate submissions: claim jobs, score, report; a job whose worker dies goes to another."""
     from seshu.cli.common import quiet_libraries
@@ -135,7 +138,9 @@ def worker(
     if folder is not None:
         from seshu.federation.layout import Federation
 
-        source = LocalJobs(Federation.open(folder))
+        fed = Federation.open(folder)
+        fed.db.check_schema()
+        source = LocalJobs(fed)
     elif server:
         from seshu.federation.client import Coordinator, RemoteJobs
         from seshu.io import cache_dir
@@ -143,7 +148,7 @@ def worker(
         source = RemoteJobs(Coordinator(server, token or ""), cache or cache_dir() / "worker")
     else:
         raise UserError("give --dir (a federation folder) or --server URL --token T")
-    done = run_worker(source, instance, once=once, device=device, report=_say)
+    done = run_worker(source, instance, lease_seconds=lease_seconds, once=once, device=device, report=_say)
     typer.echo(f"{done} job(s) done")
 
 
@@ -189,4 +194,5 @@ def report(
     from seshu.federation.plot import plot_releases
 
     fed = Federation.open(folder)
+    fed.db.check_schema()
     typer.echo(f"wrote {plot_releases(fed, out)}")

@@ -82,9 +82,12 @@ def upload_offset(fed: Federation, upload: Upload) -> int:
 
 
 # Running hashes of uploads in progress, so that a file is hashed once as it streams; after a restart the hash
-# of what is on disk is taken again once.
+# of what is on disk is taken again once. `_ACTIVE` holds the uploads a request is writing: one writer each.
 _HASHERS: dict[str, tuple[int, Any]] = {}
+_ACTIVE: set[str] = set()
 _HASHERS_LOCK = threading.Lock()
+# Body chunks arrive in tens of KB; they are written (and hashed) off the event loop a megabyte at a time.
+WRITE_BYTES = 1 << 20
 
 
 def _hasher(path: Path, upload_id: str, offset: int) -> Any:
@@ -101,50 +104,85 @@ def _hasher(path: Path, upload_id: str, offset: int) -> Any:
     return digest
 
 
-async def append_upload(
-    fed: Federation, client: Client, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
-) -> Upload:
-    """Append the request body to the upload at `offset` (which must be where the server's copy ends). When the
-    last byte arrives the sha256 is checked: a mismatch deletes the upload."""
+def _begin(fed: Federation, client: Client, upload_id: str, offset: int) -> tuple[Upload, Any, Any]:
+    """Checks before a part is written, and the open file and running hash it is written through."""
     with fed.db.read() as session:
         upload = get_upload(session, client, upload_id)
     if upload.complete:
         raise Conflict(f"upload {upload_id} is complete already")
-    path = fed.upload_path(upload_id)
-    held = upload_offset(fed, upload)
-    if offset != held:
-        raise Conflict(f"upload {upload_id} continues at offset {held}, not {offset}")
-    digest = _hasher(path, upload_id, held)
-    received = held
+    with _HASHERS_LOCK:
+        if upload_id in _ACTIVE:
+            raise Conflict(f"upload {upload_id} is being written by another request; ask for its offset and resume")
+        _ACTIVE.add(upload_id)
     try:
-        with open(path, "r+b") as handle:
-            handle.seek(held)
-            async for chunk in chunks:
-                if received + len(chunk) > upload.size:
-                    raise UserError(f"upload {upload_id} sent more than the {upload.size} bytes it announced")
-                handle.write(chunk)
-                digest.update(chunk)
-                received += len(chunk)
-    except UserError:
-        _discard_upload(fed, upload_id)
+        held = upload_offset(fed, upload)
+        if offset != held:
+            raise Conflict(f"upload {upload_id} continues at offset {held}, not {offset}")
+        path = fed.upload_path(upload_id)
+        digest = _hasher(path, upload_id, held)
+        handle = open(path, "r+b")  # noqa: SIM115 (closed by append_upload)
+        handle.seek(held)
+    except BaseException:
+        with _HASHERS_LOCK:
+            _ACTIVE.discard(upload_id)
         raise
-    finally:
-        if path.exists() and received < upload.size:
-            with _HASHERS_LOCK:
-                _HASHERS[upload_id] = (received, digest)
+    return upload, handle, digest
+
+
+def _write(handle: Any, digest: Any, block: bytes) -> None:
+    handle.write(block)
+    digest.update(block)
+
+
+def _finish(fed: Federation, upload: Upload, received: int, digest: Any) -> Upload:
     complete = received == upload.size
     if complete and digest.hexdigest() != upload.sha256:
-        _discard_upload(fed, upload_id)
+        _discard_upload(fed, upload.id)
         raise UserError(
-            f"upload {upload_id}: the file's sha256 is {digest.hexdigest()}, not {upload.sha256}; send it again"
+            f"upload {upload.id}: the file's sha256 is {digest.hexdigest()}, not {upload.sha256}; send it again"
         )
     with fed.db.transaction() as session:
-        row = session.get(Upload, upload_id)
+        row = session.get(Upload, upload.id)
         if row is None:
-            raise NotFound(f"upload {upload_id} not found")
+            raise NotFound(f"upload {upload.id} not found")
         row.received, row.complete = received, complete
-        upload = row
-    return upload
+    return row
+
+
+async def append_upload(
+    fed: Federation, client: Client, upload_id: str, offset: int, chunks: AsyncIterator[bytes]
+) -> Upload:
+    """Append the request body to the upload at `offset` (which must be where the server's copy ends). When the
+    last byte arrives the sha256 is checked: a mismatch deletes the upload. File and database work runs in
+    worker threads, so that a hundred uploads at once do not stall the event loop that receives them."""
+    from starlette.concurrency import run_in_threadpool
+
+    upload, handle, digest = await run_in_threadpool(_begin, fed, client, upload_id, offset)
+    received, pending, size = offset, bytearray(), 0
+    try:
+        try:
+            async for chunk in chunks:
+                if received + size + len(chunk) > upload.size:
+                    raise UserError(f"upload {upload_id} sent more than the {upload.size} bytes it announced")
+                pending += chunk
+                size += len(chunk)
+                if size >= WRITE_BYTES:
+                    await run_in_threadpool(_write, handle, digest, bytes(pending))
+                    received, pending, size = received + size, bytearray(), 0
+        finally:
+            # What arrived before a cut connection is kept: the client resumes after it.
+            if size:
+                await run_in_threadpool(_write, handle, digest, bytes(pending))
+                received += size
+            handle.close()
+            with _HASHERS_LOCK:
+                _ACTIVE.discard(upload_id)
+                if received < upload.size:
+                    _HASHERS[upload_id] = (received, digest)
+    except UserError:
+        await run_in_threadpool(_discard_upload, fed, upload_id)
+        raise
+    return await run_in_threadpool(_finish, fed, upload, received, digest)
 
 
 def _discard_upload(fed: Federation, upload_id: str) -> None:
