@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -127,3 +128,41 @@ def test_failed_attempts_are_retried_then_given_up(database_url: str) -> None:
         job = session.scalars(select(Job)).one()
         assert job.status == queue.FAILED and job.last_error == f"boom {queue.MAX_ATTEMPTS}"
     db.dispose()
+
+
+def test_four_workers_record_exactly_200_evaluations(database_url: str, tmp_path: Path) -> None:
+    """The whole completion path (claim, evaluation row, decision) from four threads: one evaluation per job."""
+    import yaml
+
+    from seshu.federation.decisions import complete_evaluation
+    from seshu.federation.layout import POLICY, SETTINGS, Federation
+    from seshu.federation.models import Evaluation, Release
+
+    (tmp_path / SETTINGS).write_text(yaml.safe_dump({"db": database_url, "store": str(tmp_path / "store")}))
+    (tmp_path / POLICY).write_text("acceptance: {min_task_gain: 0.0}\n")
+    fed = Federation.open(tmp_path)
+    upgrade(fed.db.engine)
+    reference = {"instruct": {"value": 10.0, "higher_is_better": False, "metric": "answer_ppl"}}
+    with fed.db.transaction() as session:
+        session.add(Release(version=0, manifest_sha256="0" * 64, metrics=reference, eval_sets={}))
+    _submissions(fed.db, 200)
+
+    def work(owner: str) -> None:
+        while True:
+            with fed.db.transaction() as session:
+                got = queue.claim(session, owner)
+            if got is None:
+                return
+            better = {"instruct": {"value": 9.0, "higher_is_better": False, "metric": "answer_ppl"}}
+            complete_evaluation(fed, got.job_id, owner, better, 0.0)
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with fed.db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Evaluation)) == 200
+        assert len(set(session.scalars(select(Evaluation.job_id)))) == 200
+        assert Counter(session.scalars(select(Submission.status))) == {"accepted": 200}
+    fed.close()
