@@ -20,6 +20,7 @@ import httpx
 import pytest
 from federation_helpers import save_lora_adapter
 from federation_service import free_port, save_tiny_chatless_base, upload_folder, write_sets
+from s3_server import s3_bucket_fixture, s3_endpoint_fixture  # noqa: F401
 from sqlalchemy import func, select
 
 from seshu.federation import auth
@@ -202,4 +203,29 @@ def test_a_release_killed_midway_leaves_the_old_release_and_merges_once(
         # The published folder is whole: every file of its manifest is in the store and verifies.
         fed.store.get_dir(v1.manifest_sha256, tmp_path / "v1")
     assert (tmp_path / "v1" / "model.safetensors").is_file()
+    fed.close()
+
+
+def test_a_federation_on_an_s3_store_keeps_every_artifact_there(
+    world: dict[str, Path], tmp_path: Path, s3_bucket: str
+) -> None:
+    sets = [f"general-en={world['general-en']}", f"instruct={world['instruct']}"]
+    store = f"s3://{s3_bucket}/federation"
+    init_federation(
+        tmp_path / "fed", str(world["base"]), sets, store_url=store, policy_path=world["root"] / "policy.yaml"
+    )
+    fed = Federation.open(tmp_path / "fed")
+    assert not (tmp_path / "fed" / "store").exists()
+    _submit_random(fed, tmp_path, 1)
+    assert run_worker(LocalJobs(fed), once=True) == 1
+    outcome = publish_release(fed)
+    assert outcome.published and outcome.version == 1
+    with fed.db.read() as session:
+        v1 = session.get(Release, 1)
+        assert v1 is not None
+    # Read back through a fresh store object (no local cache): the release is whole in the bucket.
+    from seshu.hub.store import open_store
+
+    open_store(store).get_dir(v1.manifest_sha256, tmp_path / "v1")
+    assert (tmp_path / "v1" / "model.safetensors").is_file() and (tmp_path / "v1" / "CHANGELOG.md").is_file()
     fed.close()
