@@ -51,6 +51,7 @@ def train(
     out: Path = typer.Option(Path("seshu-adapter"), "--out", help="Folder for the adapter."),
     server: str | None = typer.Option(None, "--server", envvar="SESHU_SERVER", help="Fetch the recipe from here."),
     token: str | None = typer.Option(None, "--token", envvar="SESHU_TOKEN"),
+    as_json: bool = JSON,
 ) -> None:
     """Fine-tune a LoRA adapter on your data, on the pulled release, with the recipe the federation publishes."""
     from seshu.cli.common import quiet_libraries
@@ -61,6 +62,10 @@ def train(
     if config is None and server:
         recipe = _coordinator(server, token or "").json("GET", "/recipe")["recipe"]
     result = train_adapter(release, data, out, recipe=recipe, recipe_path=config, overrides=overrides)
+    if as_json:
+        facts = {"out": str(result.output_dir), "examples": result.examples, "answer_tokens": result.answer_tokens}
+        typer.echo(json.dumps({**facts, "steps": result.steps, "metrics": result.metrics}))
+        return
     typer.echo(
         f"adapter in {result.output_dir}: {result.examples:,} examples, {result.answer_tokens:,} answer tokens; "
         "send it with `seshu client submit --adapter " + str(result.output_dir) + " --task T --language L`"

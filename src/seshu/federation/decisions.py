@@ -8,6 +8,7 @@ from typing import Any
 
 from seshu.errors import UserError
 from seshu.federation import queue
+from seshu.federation.evaluation import task_set
 from seshu.federation.layout import Federation
 from seshu.federation.models import Evaluation, Job, Release, Submission, utcnow
 from seshu.federation.policy import Evidence, Score, decide
@@ -22,13 +23,6 @@ def scores_of(raw: Mapping[str, Any]) -> dict[str, Score]:
             raise UserError(f"score of '{name}' must be an object with value and higher_is_better")
         out[name] = Score(float(item["value"]), bool(item["higher_is_better"]))
     return out
-
-
-def task_set(task: str, language: str, sets: Mapping[str, Any]) -> str:
-    """The evaluation set a submission's declared task is judged on: `<task>-<language>` when the federation has
-    one, else `<task>` (which may be missing: the policy then rejects the submission for it)."""
-    specific = f"{task}-{language}"
-    return specific if specific in sets else task
 
 
 def complete_evaluation(

@@ -18,7 +18,7 @@ scoring itself is `seshu.evaluate`'s; nothing here computes a metric of its own.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +60,13 @@ def parse_set_name(name: str) -> SetKind:
         f"evaluation set name '{name}': start it with general, probe or a task ({', '.join(TASKS)}), "
         "optionally followed by -<language>"
     )
+
+
+def task_set(task: str, language: str, sets: Mapping[str, Any]) -> str:
+    """The evaluation set a submission's declared task is judged on: `<task>-<language>` when the federation has
+    one, else `<task>` (which may be missing: the policy then rejects the submission for it)."""
+    specific = f"{task}-{language}"
+    return specific if specific in sets else task
 
 
 def check_set_file(name: str, path: Path) -> int:

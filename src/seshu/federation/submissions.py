@@ -277,6 +277,14 @@ def _check(fed: Federation, folder: Path, request: SubmissionRequest, release: R
             f"the adapter was trained on release v{request.release_version}, but the current release is "
             f"v{release.version}; pull it and train again"
         )
+    from seshu.federation.evaluation import task_set
+
+    judged_on = task_set(request.task, request.language, release.eval_sets)
+    if judged_on not in release.eval_sets:
+        raise UserError(
+            f"this federation has no evaluation set for task '{request.task}' (it judges: "
+            f"{', '.join(sorted(release.eval_sets))}); submit an adapter for one of those tasks"
+        )
     base = fed.unpack(release.manifest_sha256, "releases")
     checked = validate_adapter(folder, base, fed.policy)
     return {
