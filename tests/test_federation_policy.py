@@ -215,3 +215,17 @@ def test_bad_policy_files_name_the_key(tmp_path: Path, text: str, message: str) 
     with pytest.raises(UserError, match=message) as caught:
         load_policy(path)
     assert str(path) in str(caught.value)
+
+
+def test_a_diverged_score_travels_as_null_and_counts_as_the_worst() -> None:
+    import json
+
+    from seshu.federation.decisions import scores_of
+    from seshu.federation.evaluation import score
+
+    sent = json.loads(json.dumps({"general-en": score(math.inf, False, "perplexity")}, allow_nan=False))
+    assert sent["general-en"]["value"] is None
+    reference = scores_of({"general-en": score(50.0, False, "perplexity")})
+    assert gains(scores_of(sent), reference)["general-en"] == -math.inf
+    with pytest.raises(UserError, match="a number or null"):
+        scores_of({"general-en": {"value": "12", "higher_is_better": False}})

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +63,9 @@ def train(
     recipe = None
     if config is None and server:
         recipe = _coordinator(server, token or "").json("GET", "/recipe")["recipe"]
-    result = train_adapter(release, data, out, recipe=recipe, recipe_path=config, overrides=overrides)
+    # With --json, stdout holds the JSON alone: the training run's progress lines go to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        result = train_adapter(release, data, out, recipe=recipe, recipe_path=config, overrides=overrides)
     if as_json:
         facts = {"out": str(result.output_dir), "examples": result.examples, "answer_tokens": result.answer_tokens}
         typer.echo(json.dumps({**facts, "steps": result.steps, "metrics": result.metrics}))

@@ -3,6 +3,7 @@ policy's verdict, in one transaction."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,12 +17,16 @@ from seshu.federation.submissions import Conflict, NotFound, current_release
 
 
 def scores_of(raw: Mapping[str, Any]) -> dict[str, Score]:
-    """Stored scores ({"value", "higher_is_better", "metric"} per set) as the policy's `Score`s."""
+    """Stored scores ({"value", "higher_is_better", "metric"} per set) as the policy's `Score`s; a `None` value (a
+    diverged figure) becomes NaN, which every rule takes for the worst score."""
     out = {}
     for name, item in raw.items():
         if not isinstance(item, Mapping) or "value" not in item or "higher_is_better" not in item:
             raise UserError(f"score of '{name}' must be an object with value and higher_is_better")
-        out[name] = Score(float(item["value"]), bool(item["higher_is_better"]))
+        value = item["value"]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise UserError(f"score of '{name}' must be a number or null, not {value!r}")
+        out[name] = Score(math.nan if value is None else float(value), bool(item["higher_is_better"]))
     return out
 
 

@@ -17,6 +17,7 @@ scoring itself is `seshu.evaluate`'s; nothing here computes a metric of its own.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -99,7 +100,10 @@ def eval_set_files(cache: Path, sets: dict[str, Any], fetch: Callable[[str, Path
 
 
 def score(value: float, higher_is_better: bool, metric: str) -> dict[str, Any]:
-    return {"value": float(value), "higher_is_better": higher_is_better, "metric": metric}
+    """A score as it is stored and sent. A diverged figure (inf, NaN) is `None`: JSON has no infinity, and
+    PostgreSQL's JSON refuses one; the policy reads `None` as the worst score there is."""
+    value = float(value)
+    return {"value": value if math.isfinite(value) else None, "higher_is_better": higher_is_better, "metric": metric}
 
 
 def score_sets(model: Any, tokenizer: Any, sets: dict[str, Path], batch_size: int = 8) -> dict[str, dict[str, Any]]:

@@ -24,8 +24,13 @@ def push_release(fed: Federation, version: int, repo: str, api: Any = None) -> s
     api = api or HfApi()
     try:
         api.create_repo(repo, repo_type="model", exist_ok=True)
+        # delete_patterns="*": the commit holds exactly this release's files (the Hub keeps .gitattributes), not
+        # also those of whatever version was pushed before it.
         commit = api.upload_folder(
-            repo_id=repo, folder_path=str(folder), commit_message=f"Seshu federation release v{version}"
+            repo_id=repo,
+            folder_path=str(folder),
+            commit_message=f"Seshu federation release v{version}",
+            delete_patterns="*",
         )
         oid = getattr(commit, "oid", None) or str(commit)
         api.create_tag(repo, tag=f"v{version}", revision=oid, tag_message=f"release v{version}")

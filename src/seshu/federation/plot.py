@@ -25,7 +25,11 @@ def plot_releases(fed: Federation, out: Path) -> Path:
     figure = Figure(figsize=(4.5 * columns, 3.4 * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel()
     for i, name in enumerate(names):
-        points = [(r.version, float(r.metrics[name]["value"])) for r in releases if name in r.metrics]
+        points = [
+            (r.version, float(r.metrics[name]["value"]))
+            for r in releases
+            if name in r.metrics and r.metrics[name]["value"] is not None
+        ]
         first = next(r.metrics[name] for r in releases if name in r.metrics)
         better = "higher" if first["higher_is_better"] else "lower"
         title = f"{name} ({better} is better)"
