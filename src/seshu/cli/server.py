@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 import threading
@@ -100,17 +101,22 @@ def start(
 
     quiet_libraries()
     fed = Federation.open(folder)
-    server = uvicorn.Server(uvicorn.Config(create_app(fed), host=host, port=port, log_level="warning"))
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
+    app = create_app(fed, on_submitted=None if no_worker else wake.set)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    # peft takes seconds to import; done now, the first submission's check does not stall every other request.
+    threading.Thread(target=importlib.import_module, args=("peft.mapping",), daemon=True).start()
     worker = None
     if not no_worker:
-        worker = threading.Thread(target=run_worker, args=(LocalJobs(fed),), kwargs={"stop": stop, "report": _say})
+        kwargs = {"stop": stop, "wake": wake, "report": _say}
+        worker = threading.Thread(target=run_worker, args=(LocalJobs(fed),), kwargs=kwargs)
         worker.start()
     _say(f"coordinator on http://{host}:{port} (dashboard at /, API at /api/v1)")
     try:
         server.run()
     finally:
         stop.set()
+        wake.set()
         if worker is not None:
             worker.join()
 

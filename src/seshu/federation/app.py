@@ -76,8 +76,13 @@ class NewClient(BaseModel):
     role: str = "client"
 
 
-def create_app(fed: Federation, fetch_hub: Callable[..., str] | None = None) -> FastAPI:
-    """The coordinator's app over an opened federation (`fetch_hub` replaces the Hub download in tests)."""
+def create_app(
+    fed: Federation,
+    fetch_hub: Callable[..., str] | None = None,
+    on_submitted: Callable[[], None] | None = None,
+) -> FastAPI:
+    """The coordinator's app over an opened federation. `on_submitted` is called after each submission that queued
+    an evaluation (to wake an in-process worker); `fetch_hub` replaces the Hub download in tests."""
     fed.db.check_schema()
     app = FastAPI(title="Seshu coordinator", version="1", docs_url=f"{API}/docs", openapi_url="/openapi.json")
 
@@ -175,6 +180,8 @@ def create_app(fed: Federation, fetch_hub: Callable[..., str] | None = None) -> 
             examples=body.examples, answer_tokens=body.answer_tokens, train_config=body.train_config,
         )  # fmt: skip
         sub = submit(fed, client, request, fetch_hub=fetch_hub)
+        if on_submitted is not None and sub.status == "validated":
+            on_submitted()
         return JSONResponse(_submission_json(sub, None), status_code=422 if sub.status == "rejected" else 201)
 
     @app.get(f"{API}/submissions")

@@ -85,10 +85,13 @@ def run_worker(
     poll_seconds: float = 2.0,
     once: bool = False,
     stop: threading.Event | None = None,
+    wake: threading.Event | None = None,
     device: str | None = None,
     report: Report | None = None,
 ) -> int:
-    """Work on jobs until `stop` is set (or, with `once`, until the queue is empty); returns the jobs finished."""
+    """Work on jobs until `stop` is set (or, with `once`, until the queue is empty); returns the jobs finished.
+    An idle worker looks again every `poll_seconds`, or as soon as `wake` is set (by the coordinator it runs in,
+    when a submission arrives)."""
     instance = instance or default_instance()
     stop = stop or threading.Event()
     say = report or (lambda _msg: None)
@@ -98,7 +101,9 @@ def run_worker(
         if job is None:
             if once:
                 break
-            stop.wait(poll_seconds)
+            (wake or stop).wait(poll_seconds)
+            if wake is not None:
+                wake.clear()
             continue
         done += run_job(source, job, instance, lease_seconds, device, say)
     return done
