@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from helpers import save_tiny_model
 
 from seshu import assets
+from seshu.federation.demo import serve_in_thread as serving  # noqa: F401 (the tests' coordinator)
 
 INSTRUCT = Path(assets.resolve("seshu:instructions/instruct.jsonl"))
 EN = Path(assets.resolve("seshu:corpus/en.txt"))
@@ -51,27 +49,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serving(app: object) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port for the duration of the block; yields its URL."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test coordinator did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def upload_folder(fed: object, client: object, folder: Path) -> dict[str, str]:

@@ -236,3 +236,20 @@ def test_hub_submissions_are_pinned_and_checked_like_uploads(world: dict[str, Pa
     assert calls == ["someone/adapter@main"]
     assert result["status"] == "rejected" and "adapter_model.safetensors" in result["reason"]
     fed.close()
+
+
+def test_a_translation_set_is_scored_by_chrf_into_its_named_language(world: dict[str, Path], tmp_path: Path) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in [("water", "पानी"), ("book", "किताब")]),
+        encoding="utf-8",
+    )
+    sets = [f"general-en={world['general-en']}", f"translation-hi={pairs}"]
+    report = init_federation(tmp_path / "fed", str(world["base"]), sets)
+    assert report.metrics["translation-hi"]["metric"] == "chrf"
+    assert report.metrics["translation-hi"]["higher_is_better"] is True
+    with pytest.raises(UserError, match="translation-<target language>"):
+        init_federation(
+            tmp_path / "other", str(world["base"]), [f"general-en={world['general-en']}", f"translation={pairs}"]
+        )
+    assert not (tmp_path / "other").exists()

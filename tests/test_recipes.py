@@ -13,6 +13,7 @@ from seshu.train import pretrain, sft
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SFT_RECIPES = {"bloom-alpaca-lora.yaml", "baraat-hindi.yaml"}
 MOE_RECIPES = {"baraat-moe.yaml"}  # validated and run in tests/test_moe_train.py
+POLICY_RECIPES = {"seshu-federation.yaml"}  # a federation policy: validated in tests/test_federation_demo.py
 TINY_PRETRAIN = sorted(p.name for p in (RECIPES / "tiny").glob("*.yaml") if p.name not in SFT_RECIPES | MOE_RECIPES)
 
 
@@ -26,7 +27,9 @@ def losses(run: Path, key: str = "loss") -> list[float]:
 
 
 @pytest.mark.parametrize(
-    "path", sorted(p for p in RECIPES.glob("*.yaml") if p.name not in MOE_RECIPES), ids=lambda p: p.name
+    "path",
+    sorted(p for p in RECIPES.glob("*.yaml") if p.name not in MOE_RECIPES | POLICY_RECIPES),
+    ids=lambda p: p.name,
 )
 def test_real_scale_recipes_validate_and_document_their_command(path: Path) -> None:
     load_recipe(kind(path.name), path)

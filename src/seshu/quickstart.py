@@ -6,11 +6,12 @@ Hindi sample corpus shipped in the package, so a new user sees every stage work 
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seshu import assets
 from seshu.config import PretrainRecipe, load_recipe
@@ -35,18 +36,21 @@ class QuickstartResult:
     samples: dict[str, str]
 
 
-def run(workdir: Path, *, max_steps: int | None = None) -> QuickstartResult:
-    """Run the quickstart in `workdir` (its `tokenizer/` and `model/` are replaced on each run)."""
-    overrides = [f"output_dir={workdir / 'model'}"]
+def quickstart_recipe(workdir: Path, max_steps: int | None = None) -> PretrainRecipe:
+    """The quickstart's pretraining recipe, writing its model to `workdir/model`."""
+    overrides = [f"output_dir={json.dumps(str(workdir / 'model'))}"]
     if max_steps:
         overrides.append(f"train.max_steps={max_steps}")
     recipe: PretrainRecipe = load_recipe(PretrainRecipe, RECIPE, overrides)
-    tokenizer_dir = workdir / "tokenizer"
-    for owned in (tokenizer_dir, Path(recipe.output_dir)):
-        shutil.rmtree(owned, ignore_errors=True)
+    return recipe
 
+
+def train_quickstart_tokenizer(
+    recipe: PretrainRecipe, tokenizer_dir: Path
+) -> tuple[PreTrainedTokenizerBase, PretrainRecipe]:
+    """Train the recipe's tokenizer on its training documents into `tokenizer_dir`; returns it and the recipe
+    pointed at it (so that pretraining uses it instead of training another)."""
     spec = recipe.tokenizer.train
-    print(f"[1/5] training a {spec.kind} tokenizer with {spec.vocab_size} tokens", flush=True)
     tokenizer = train_tokenizer(
         training_documents(recipe.data, seed=recipe.train.seed),
         spec.vocab_size,
@@ -56,6 +60,19 @@ def run(workdir: Path, *, max_steps: int | None = None) -> QuickstartResult:
     )
     save_tokenizer(tokenizer, tokenizer_dir)
     recipe = recipe.model_copy(update={"tokenizer": recipe.tokenizer.model_copy(update={"path": str(tokenizer_dir)})})
+    return tokenizer, recipe
+
+
+def run(workdir: Path, *, max_steps: int | None = None) -> QuickstartResult:
+    """Run the quickstart in `workdir` (its `tokenizer/` and `model/` are replaced on each run)."""
+    recipe = quickstart_recipe(workdir, max_steps)
+    tokenizer_dir = workdir / "tokenizer"
+    for owned in (tokenizer_dir, Path(recipe.output_dir)):
+        shutil.rmtree(owned, ignore_errors=True)
+
+    spec = recipe.tokenizer.train
+    print(f"[1/5] training a {spec.kind} tokenizer with {spec.vocab_size} tokens", flush=True)
+    tokenizer, recipe = train_quickstart_tokenizer(recipe, tokenizer_dir)
     validation = list(validation_documents(recipe.data, seed=recipe.train.seed))
     for script, row in stats_report(tokenizer_stats(tokenizer, validation))["by_script"].items():
         print(f"      {script}: {row['fertility']:.2f} tokens per word, {row['bytes_per_token']:.2f} bytes per token")

@@ -78,13 +78,26 @@ def check_set_file(name: str, path: Path) -> int:
 
         count = sum(1 for _ in read_documents(str(path)))
     else:
-        from seshu.evaluate.tasks import get_task
+        from seshu.evaluate.tasks import get_task, render_prompt
 
         assert kind.task is not None
-        count = sum(1 for _ in get_task(kind.task).read(str(path)))
+        task = get_task(kind.task)
+        records = list(task.read(str(path)))
+        count = len(records)
+        if records and task.template is not None and kind.kind == "task":
+            render_prompt(task, records[0], None, prompt_values(name))  # a prompt it cannot make fails now
     if count == 0:
         raise UserError(f"{path}: evaluation set '{name}' holds no records")
     return count
+
+
+def prompt_values(name: str) -> dict[str, str]:
+    """What a task's prompt template takes from the set's name: a translation set `translation-<lang>` translates
+    into `<lang>`."""
+    kind = parse_set_name(name)
+    if kind.task == "translation" and kind.language is None:
+        raise UserError(f"evaluation set '{name}': name a translation set translation-<target language>")
+    return {"target_lang": kind.language} if kind.task == "translation" and kind.language else {}
 
 
 def eval_set_files(cache: Path, sets: dict[str, Any], fetch: Callable[[str, Path], None]) -> dict[str, Path]:
@@ -130,7 +143,15 @@ def _score_one(model: Any, tokenizer: Any, name: str, path: Path, batch_size: in
         if not conversations:
             raise UserError(f"{path}: evaluation set '{name}' has no conversations to score")
         return score(answer_nll(model, tokenizer, conversations, batch_size=batch_size).perplexity, False, "answer_ppl")
-    result = evaluate_generation(model, tokenizer, task, records, max_new_tokens=MAX_NEW_TOKENS, batch_size=batch_size)
+    result = evaluate_generation(
+        model,
+        tokenizer,
+        task,
+        records,
+        values=prompt_values(name),
+        max_new_tokens=MAX_NEW_TOKENS,
+        batch_size=batch_size,
+    )
     metric = "chrf" if "chrf" in result.scores else next(iter(result.scores))
     return score(result.scores[metric], True, metric)
 

@@ -283,7 +283,10 @@ def submit(
                     os.link(fed.upload_path(upload.id), folder / name)  # same disk: a link, not a copy
             checks = _check(fed, folder, request, release)
         except UserError as exc:
-            return _record(fed, client, request, blind_id, release, eval_sets, None, hub_ref, {}, str(exc))
+            # The checks name the folder they read, which is the coordinator's staging path: the donor sees
+            # "the adapter" instead.
+            reason = str(exc).replace(str(folder), "the adapter")
+            return _record(fed, client, request, blind_id, release, eval_sets, None, hub_ref, {}, reason)
         manifest = fed.store.put_dir(folder)
         return _record(fed, client, request, blind_id, release, eval_sets, manifest, hub_ref, checks, "")
     finally:
