@@ -253,3 +253,32 @@ def test_a_translation_set_is_scored_by_chrf_into_its_named_language(world: dict
             tmp_path / "other", str(world["base"]), [f"general-en={world['general-en']}", f"translation={pairs}"]
         )
     assert not (tmp_path / "other").exists()
+
+
+def test_an_interrupted_pull_resumes_and_a_corrupt_part_is_refused(world: dict[str, Path], tmp_path: Path) -> None:
+    fed = _init(world, tmp_path / "fed")
+    tokens = _tokens(fed)
+    with serving(create_app(fed)) as url:
+        asha = Coordinator(url, tokens["asha"])
+        whole = tmp_path / "whole"
+        info = asha.pull("0", whole)
+        weights = (whole / "model.safetensors").read_bytes()
+        # A pull cut halfway through the weights left this behind; the next pull fetches only the rest.
+        keep = tmp_path / ".again.v0.download"
+        keep.mkdir()
+        (keep / "model.safetensors.partial").write_bytes(weights[: len(weights) // 2])
+        asha.pull("0", tmp_path / "again")
+        assert (tmp_path / "again" / "model.safetensors").read_bytes() == weights
+        assert not keep.exists()
+        # A part that is not what the server holds fails its sha256, is dropped, and the next pull succeeds.
+        keep = tmp_path / ".third.v0.download"
+        keep.mkdir()
+        (keep / "model.safetensors.partial").write_bytes(b"\0" * (len(weights) // 2))
+        with pytest.raises(UserError, match="sha256"):
+            asha.pull("0", tmp_path / "third")
+        assert not (tmp_path / "third").exists()
+        asha.pull("0", tmp_path / "third")
+        assert sorted(p.name for p in (tmp_path / "third").iterdir()) == sorted(
+            [e["path"] for e in info["files"]] + [RELEASE_MARKER]
+        )
+    fed.close()
