@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, inspect, select, update
@@ -15,7 +16,8 @@ from sqlalchemy import func, inspect, select, update
 from seshu.errors import UserError
 from seshu.federation import queue
 from seshu.federation.database import Database, current_revision, downgrade, head_revision, upgrade
-from seshu.federation.models import Base, Client, Job, Submission
+from seshu.federation.layout import POLICY, SETTINGS, Federation
+from seshu.federation.models import Base, Client, Job, Release, Submission
 
 
 def _database(url: str) -> Database:
@@ -47,6 +49,18 @@ def _submissions(db: Database, count: int) -> list[int]:
         for sid in ids:
             queue.enqueue(session, sid, {"blind_id": f"b{sid}"})
     return ids
+
+
+def _federation(folder: Path, url: str) -> Federation:
+    """A federation's settings, policy, schema and release v0 (with an instruct score), without model files."""
+    (folder / SETTINGS).write_text(yaml.safe_dump({"db": url, "store": str(folder / "store")}))
+    (folder / POLICY).write_text("acceptance: {min_task_gain: 0.0}\n")
+    fed = Federation.open(folder)
+    upgrade(fed.db.engine)
+    reference = {"instruct": {"value": 10.0, "higher_is_better": False, "metric": "answer_ppl"}}
+    with fed.db.transaction() as session:
+        session.add(Release(version=0, manifest_sha256="0" * 64, metrics=reference, eval_sets={}))
+    return fed
 
 
 def test_migrations_upgrade_downgrade_upgrade(database_url: str) -> None:
@@ -132,19 +146,10 @@ def test_failed_attempts_are_retried_then_given_up(database_url: str) -> None:
 
 def test_four_workers_record_exactly_200_evaluations(database_url: str, tmp_path: Path) -> None:
     """The whole completion path (claim, evaluation row, decision) from four threads: one evaluation per job."""
-    import yaml
-
     from seshu.federation.decisions import complete_evaluation
-    from seshu.federation.layout import POLICY, SETTINGS, Federation
-    from seshu.federation.models import Evaluation, Release
+    from seshu.federation.models import Evaluation
 
-    (tmp_path / SETTINGS).write_text(yaml.safe_dump({"db": database_url, "store": str(tmp_path / "store")}))
-    (tmp_path / POLICY).write_text("acceptance: {min_task_gain: 0.0}\n")
-    fed = Federation.open(tmp_path)
-    upgrade(fed.db.engine)
-    reference = {"instruct": {"value": 10.0, "higher_is_better": False, "metric": "answer_ppl"}}
-    with fed.db.transaction() as session:
-        session.add(Release(version=0, manifest_sha256="0" * 64, metrics=reference, eval_sets={}))
+    fed = _federation(tmp_path, database_url)
     _submissions(fed.db, 200)
 
     def work(owner: str) -> None:
@@ -165,4 +170,25 @@ def test_four_workers_record_exactly_200_evaluations(database_url: str, tmp_path
         assert session.scalar(select(func.count()).select_from(Evaluation)) == 200
         assert len(set(session.scalars(select(Evaluation.job_id)))) == 200
         assert Counter(session.scalars(select(Submission.status))) == {"accepted": 200}
+    fed.close()
+
+
+def test_a_job_whose_workers_all_died_is_given_up_and_its_submission_rejected(
+    database_url: str, tmp_path: Path
+) -> None:
+    from seshu.federation.decisions import claim_job
+
+    fed = _federation(tmp_path, database_url)
+    _submissions(fed.db, 1)
+    for attempt in range(1, queue.MAX_ATTEMPTS + 1):
+        got = claim_job(fed, f"dies-{attempt}", 60)
+        assert got is not None and got.attempts == attempt
+        with fed.db.transaction() as session:  # the worker dies: its lease runs out
+            session.execute(update(Job).values(lease_expires=dt.datetime(2000, 1, 1)))
+    assert claim_job(fed, "late", 60) is None
+    with fed.db.read() as session:
+        job = session.scalars(select(Job)).one()
+        assert job.status == queue.FAILED and "stopped answering" in job.last_error
+        sub = session.scalars(select(Submission)).one()
+        assert sub.status == "rejected" and "no worker finished it" in sub.reason
     fed.close()

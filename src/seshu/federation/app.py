@@ -19,7 +19,7 @@ from sqlalchemy import select
 from seshu.errors import UserError
 from seshu.federation import auth, queue
 from seshu.federation.dashboard import page, summary
-from seshu.federation.decisions import complete_evaluation, fail_evaluation
+from seshu.federation.decisions import claim_job, complete_evaluation, fail_evaluation
 from seshu.federation.layout import SFT_RECIPE, Federation
 from seshu.federation.models import Client, Release, Submission
 from seshu.federation.submissions import (
@@ -215,8 +215,7 @@ def create_app(
 
     @app.post(f"{API}/jobs/claim", response_model=None)
     def claim(body: ClaimBody, client: Client = Depends(workers)) -> dict[str, Any] | Response:
-        with fed.db.transaction() as session:
-            got = queue.claim(session, owner_of(client, body.instance), body.lease_seconds)
+        got = claim_job(fed, owner_of(client, body.instance), body.lease_seconds)
         if got is None:
             return Response(status_code=204)
         return {"job_id": got.job_id, "kind": got.kind, "attempts": got.attempts, "payload": got.payload}

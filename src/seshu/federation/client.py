@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from seshu.errors import UserError
+from seshu.hub.manifest import check_relative_path
 from seshu.io import sha256_file, staged_dir, write_text_atomic
 
 CHUNK = 1 << 20
@@ -118,7 +119,8 @@ class Coordinator:
         keep = out.with_name(f".{out.name}.v{info['version']}.download")
         for entry in info["files"]:
             say(f"v{info['version']}: {entry['path']} ({entry['size']:,} bytes)")
-            target = keep.joinpath(*entry["path"].split("/"))
+            # A path from the server is checked like any manifest's: it may not leave the folder.
+            target = keep.joinpath(*check_relative_path(entry["path"]).split("/"))
             self.download(f"/releases/{info['version']}/files/{entry['path']}", target, entry["sha256"], entry["size"])
         marker = {"version": info["version"], "server": self.server, "manifest_sha256": info["manifest_sha256"]}
         write_text_atomic(keep / RELEASE_MARKER, json.dumps(marker, indent=2) + "\n")
@@ -141,9 +143,13 @@ class Coordinator:
         say = report or (lambda _msg: None)
         size = path.stat().st_size
         for attempt in range(RETRIES * 4):
-            offset = int(self.json("GET", f"/uploads/{upload_id}")["offset"])
-            if offset >= size:
+            state = self.json("GET", f"/uploads/{upload_id}")
+            offset = int(state["offset"])
+            if state["complete"]:
                 return
+            if offset >= size:  # every byte is there but the server stopped before checking them: an empty part
+                self.request("PUT", f"/uploads/{upload_id}", params={"offset": offset}, content=b"")
+                continue
             try:
                 with open(path, "rb") as handle:
                     handle.seek(offset)

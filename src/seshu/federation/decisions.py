@@ -99,3 +99,16 @@ def fail_evaluation(fed: Federation, job_id: int, owner: str, error: str, input_
                 f"evaluation failed: {error}",
                 utcnow(),
             )
+
+
+def claim_job(fed: Federation, owner: str, lease_seconds: float) -> queue.Claim | None:
+    """Claim the next evaluation for `owner`. Jobs whose workers died on every attempt are given up first, and
+    their submissions rejected, so that nothing waits forever."""
+    with fed.db.transaction() as session:
+        for submission_id in queue.give_up_stranded(session):
+            submission = session.get(Submission, submission_id)
+            if submission is not None and submission.status == "validated":
+                submission.status, submission.decided_at = "rejected", utcnow()
+                submission.reason = f"evaluation failed: no worker finished it in {queue.MAX_ATTEMPTS} attempts"
+    with fed.db.transaction() as session:
+        return queue.claim(session, owner, lease_seconds)

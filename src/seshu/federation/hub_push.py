@@ -16,6 +16,8 @@ def push_release(fed: Federation, version: int, repo: str, api: Any = None) -> s
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
+    from seshu.merge.adapters import first_line
+
     with fed.db.read() as session:
         row = session.get(Release, version)
     if row is None:
@@ -35,5 +37,5 @@ def push_release(fed: Federation, version: int, repo: str, api: Any = None) -> s
         oid = getattr(commit, "oid", None) or str(commit)
         api.create_tag(repo, tag=f"v{version}", revision=oid, tag_message=f"release v{version}")
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise UserError(f"{repo}: pushing v{version} to the Hub failed: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{repo}: pushing v{version} to the Hub failed: {first_line(exc)}") from None
     return str(oid)

@@ -10,6 +10,8 @@ D/cache/             releases and adapters unpacked from the store for evaluatio
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -91,7 +93,16 @@ class Federation:
         cached copy never goes stale)."""
         target = self.cache / kind / manifest_sha256
         if not target.is_dir():
-            self.store.get_dir(manifest_sha256, target)
+            # Unpacked aside and renamed in: a second thread unpacking the same folder meanwhile never moves
+            # the copy a first one is reading (the rename fails on a folder that exists, and the spare goes).
+            spare = self.scratch("unpack-")
+            try:
+                self.store.get_dir(manifest_sha256, spare / "folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(OSError):
+                    os.rename(spare / "folder", target)
+            finally:
+                shutil.rmtree(spare, ignore_errors=True)
         return target
 
     def forget_scratch(self, path: Path) -> None:

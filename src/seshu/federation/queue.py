@@ -116,9 +116,16 @@ def enqueue(session: Session, submission_id: int, payload: dict[str, Any], kind:
     return job
 
 
-def stranded(session: Session) -> list[Job]:
-    """Jobs no worker will finish: running with an expired lease and no attempts left."""
+def give_up_stranded(session: Session) -> list[int]:
+    """Fail the jobs no worker will finish (running, lease expired, no attempts left: their last worker died);
+    returns their submission ids, for the caller to decide in the same transaction."""
     now = utcnow()
-    return list(
-        session.scalars(select(Job).where(Job.status == RUNNING, Job.lease_expires < now, Job.attempts >= MAX_ATTEMPTS))
+    stuck = list(
+        session.scalars(
+            select(Job).where(Job.status == RUNNING, Job.lease_expires < now, Job.attempts >= MAX_ATTEMPTS)
+        )
     )
+    for job in stuck:
+        job.status, job.finished_at, job.lease_expires = FAILED, now, None
+        job.last_error = job.last_error or f"its worker stopped answering on each of {job.attempts} attempts"
+    return [job.submission_id for job in stuck]

@@ -65,15 +65,14 @@ def publish_release(
     report: Report | None = None,
 ) -> ReleaseOutcome:
     """Merge, judge and (if it holds up) publish the next release; see the module's docstring."""
-    from seshu.federation.aggregate import AGGREGATIONS, Contribution, merge_release, release_weights
+    from seshu.federation.aggregate import Contribution, aggregation, merge_release, release_weights
     from seshu.federation.similarity import near_duplicate_groups
     from seshu.merge.adapters import read_adapter
     from seshu.merge.lora import adapter_pairs
 
     say = report or (lambda _msg: None)
     method = method or fed.policy.release.method
-    if method not in AGGREGATIONS:
-        raise UserError(f"unknown release method '{method}'; choose from: {', '.join(AGGREGATIONS)}")
+    aggregation(method)  # an unknown method fails before anything is read
     with fed.db.read() as session:
         current = current_release(session)
         rows = list(
@@ -164,6 +163,21 @@ def publish_release(
                     if row.status != "accepted" or row.merged_in is not None:
                         raise UserError(f"submission {sub.blind_id} changed while the release was made; run it again")
                     row.status, row.merged_in, row.weight = "merged", version, weights[i]
+                # What was accepted (or is still being evaluated) on vN while this release was made can no longer
+                # be merged: it is a delta on vN. Decided here, in the same transaction, so nothing waits forever.
+                merged_ids = {sub.id for sub, _ in rows}
+                for late in session.scalars(
+                    select(Submission).where(
+                        Submission.release_version == current.version,
+                        Submission.status == "accepted",
+                        Submission.id.not_in(merged_ids),
+                    )
+                ):
+                    late.status = "rejected"
+                    late.reason = (
+                        f"release v{current.version} was superseded by v{version} before it could be merged; "
+                        f"train on v{version} and submit again"
+                    )
         except IntegrityError:
             raise UserError(
                 f"release v{version} was published by another command meanwhile; nothing was changed"
@@ -227,7 +241,9 @@ def _write_card(
             "version": version,
             "parent": parent.version,
             "method": method,
-            "contributors": credits,
+            # Credited by name, without the blind ids: the card is public, and who sent which blind id is the
+            # admins' to know.
+            "contributors": [{k: v for k, v in c.items() if k != "blind_id"} for c in credits],
             "metrics": metrics,
             "eval_sets": parent.eval_sets,
         },

@@ -11,11 +11,13 @@ database commit that records it and queues its evaluation.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,6 @@ from seshu.federation.layout import Federation
 from seshu.federation.models import Client, Release, Submission, Upload
 
 MAX_FILES = 32
-# Files a donor may hand over through one upload: the adapter and the tokenizer/chat files beside it.
-_FILE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 class Conflict(UserError):
@@ -199,13 +199,16 @@ async def append_upload(
                 received += size
             handle.close()
             with _HASHERS_LOCK:
-                _ACTIVE.discard(upload_id)
                 if received < upload.size:
                     _HASHERS[upload_id] = (received, digest)
+        # Still this request's: nobody may append (or see a full file as resumable) until it is marked complete.
+        return await run_in_threadpool(_finish, fed, upload, received, digest)
     except UserError:
         await run_in_threadpool(_discard_upload, fed, upload_id)
         raise
-    return await run_in_threadpool(_finish, fed, upload, received, digest)
+    finally:
+        with _HASHERS_LOCK:
+            _ACTIVE.discard(upload_id)
 
 
 def _discard_upload(fed: Federation, upload_id: str) -> None:
@@ -234,11 +237,6 @@ class SubmissionRequest:
     train_config: dict[str, Any] | None = None
 
 
-def _check_file_name(name: str) -> None:
-    if not name or name in (".", "..") or not set(name) <= _FILE_NAME_CHARS or name.startswith("."):
-        raise UserError(f"file name {name!r} is not allowed: plain names of letters, digits, '.', '_' and '-' only")
-
-
 def submit(
     fed: Federation,
     client: Client,
@@ -259,8 +257,10 @@ def submit(
         raise UserError("a submission is either uploaded files or a Hub reference, exactly one of them")
     if len(request.files) > MAX_FILES:
         raise UserError(f"a submission holds at most {MAX_FILES} files")
+    from seshu.federation.validation import check_name
+
     for name in request.files:
-        _check_file_name(name)
+        check_name(name)
     with fed.db.read() as session:
         release = current_release(session)
         uploads = {name: get_upload(session, client, uid) for name, uid in request.files.items()}
@@ -273,11 +273,12 @@ def submit(
 
     blind_id = secrets.token_hex(8)
     folder = fed.scratch(f"submission-{blind_id}-")
+    fetch = fetch_hub or partial(fetch_hub_adapter, max_bytes=fed.policy.limits.max_adapter_bytes)
     try:
         hub_ref = None
         try:
             if request.hub is not None:
-                hub_ref = (fetch_hub or fetch_hub_adapter)(request.hub, folder)
+                hub_ref = fetch(request.hub, folder)
             else:
                 for name, upload in uploads.items():
                     os.link(fed.upload_path(upload.id), folder / name)  # same disk: a link, not a copy
@@ -286,13 +287,33 @@ def submit(
             # The checks name the folder they read, which is the coordinator's staging path: the donor sees
             # "the adapter" instead.
             reason = str(exc).replace(str(folder), "the adapter")
-            return _record(fed, client, request, blind_id, release, eval_sets, None, hub_ref, {}, reason)
-        manifest = fed.store.put_dir(folder)
-        return _record(fed, client, request, blind_id, release, eval_sets, manifest, hub_ref, checks, "")
+            recorded = _record(fed, client, request, blind_id, release, eval_sets, None, hub_ref, {}, reason)
+        else:
+            stored = _evaluated_part(folder, release.version)
+            manifest = fed.store.put_dir(stored)
+            recorded = _record(fed, client, request, blind_id, release, eval_sets, manifest, hub_ref, checks, "")
     finally:
         fed.forget_scratch(folder)
-        for upload in uploads.values():
-            fed.upload_path(upload.id).unlink(missing_ok=True)
+    # Only once the uploads' rows are gone with the commit: after any other failure they can be submitted again.
+    for upload in uploads.values():
+        fed.upload_path(upload.id).unlink(missing_ok=True)
+    return recorded
+
+
+def _evaluated_part(folder: Path, version: int) -> Path:
+    """The part of a checked submission that is stored, evaluated and merged: the adapter's weights and its config,
+    with the base path the donor trained from replaced by the release. A donor's card (its recipe names local
+    paths) and tokenizer files are left out: a worker must learn nothing of who sent it, and a donor's tokenizer
+    must not change how the release's own text is scored."""
+    from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    kept = folder / "stored"
+    kept.mkdir()
+    os.link(folder / ADAPTER_WEIGHTS, kept / ADAPTER_WEIGHTS)
+    config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = f"seshu-federation-release-v{version}"
+    (kept / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return kept
 
 
 def _check(fed: Federation, folder: Path, request: SubmissionRequest, release: Release) -> dict[str, Any]:
@@ -375,33 +396,32 @@ def _record(
     return submission
 
 
-def fetch_hub_adapter(ref: str, folder: Path) -> str:
+def fetch_hub_adapter(ref: str, folder: Path, max_bytes: int | None = None) -> str:
     """Download the adapter `REPO[@REVISION]` from the Hugging Face Hub into `folder`, pinned to the commit the
-    revision names now (so what is evaluated is what is merged); returns `REPO@COMMIT`."""
+    revision names now (so what is evaluated is what is merged); returns `REPO@COMMIT`. Files are sized from the
+    Hub's metadata first: nothing over `max_bytes` (all wanted files together) is downloaded."""
+    from fnmatch import fnmatch
+
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
+
+    from seshu.merge.adapters import first_line
 
     repo, _, revision = ref.partition("@")
     if repo.count("/") != 1:
         raise UserError(f"{ref}: name a Hub repository as owner/name[@revision]")
+    patterns = ["adapter_config.json", "adapter_model.safetensors"]
     try:
-        commit = HfApi().model_info(repo, revision=revision or None).sha
+        info = HfApi().model_info(repo, revision=revision or None, files_metadata=True)
+        commit = info.sha
         assert commit is not None
-        snapshot_download(
-            repo,
-            revision=commit,
-            local_dir=folder,
-            allow_patterns=[
-                "adapter_config.json",
-                "adapter_model.safetensors",
-                "*.json",
-                "*.jinja",
-                "*.txt",
-                "README.md",
-            ],
-        )
+        wanted = [f for f in info.siblings or [] if any(fnmatch(f.rfilename, p) for p in patterns)]
+        total = sum(f.size or 0 for f in wanted)
+        if max_bytes is not None and total > max_bytes:
+            raise UserError(f"{ref}: its adapter files hold {total} bytes, over the limit of {max_bytes}")
+        snapshot_download(repo, revision=commit, local_dir=folder, allow_patterns=patterns)
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise UserError(f"{ref}: cannot fetch it from the Hub: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{ref}: cannot fetch it from the Hub: {first_line(exc)}") from None
     cache = folder / ".cache"
     if cache.exists():  # huggingface_hub's download bookkeeping, not part of the adapter
         import shutil

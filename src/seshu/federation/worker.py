@@ -46,8 +46,9 @@ class LocalJobs:
         return f"{self.name}/{instance}"
 
     def claim(self, instance: str, lease_seconds: float) -> dict[str, Any] | None:
-        with self.fed.db.transaction() as session:
-            got = queue.claim(session, self.owner(instance), lease_seconds)
+        from seshu.federation.decisions import claim_job
+
+        got = claim_job(self.fed, self.owner(instance), lease_seconds)
         return None if got is None else {"job_id": got.job_id, "attempts": got.attempts, "payload": got.payload}
 
     def heartbeat(self, job_id: int, instance: str, lease_seconds: float) -> bool:
@@ -97,7 +98,14 @@ def run_worker(
     say = report or (lambda _msg: None)
     done = 0
     while not stop.is_set():
-        job = source.claim(instance, lease_seconds)
+        try:
+            job = source.claim(instance, lease_seconds)
+        except UserError as exc:  # the coordinator is restarting or unreachable: look again later
+            say(f"claiming a job failed: {exc}")
+            if once:
+                break
+            stop.wait(poll_seconds)
+            continue
         if job is None:
             if once:
                 break
@@ -112,6 +120,7 @@ def run_worker(
 def run_job(
     source: JobSource, job: dict[str, Any], instance: str, lease_seconds: float, device: str | None, say: Report
 ) -> int:
+    """Evaluate one claimed job and report it; 1 when the job got its result (or was failed for its input)."""
     payload, job_id = job["payload"], int(job["job_id"])
     blind = payload.get("blind_id", "?")
     what = f"{payload.get('task')}, {payload.get('language')}"
@@ -120,28 +129,30 @@ def run_job(
     keeper = threading.Thread(target=_keep_lease, args=(source, job_id, instance, lease_seconds, renewing), daemon=True)
     keeper.start()
     began = time.perf_counter()
+    error, input_error, scores = "", False, {}
     try:
+        # Fetching is the worker's side: a failure there (the network, the store) is retried by another attempt.
         release = source.folder(payload["release_manifest"], "releases")
         adapter = source.folder(payload["adapter_manifest"], "adapters")
         sets = source.eval_sets(payload["eval_sets"])
-        scores = score_folder(release, adapter, sets, device=device)
-    except UserError as exc:  # the adapter does not load or fit: the submission's fault, not the worker's
-        renewing.set()
-        source.fail(job_id, instance, str(exc), input_error=True)
-        say(f"job {job_id}: {blind} could not be evaluated: {exc}")
-        return 1
+        try:
+            scores = score_folder(release, adapter, sets, device=device)
+        except UserError as exc:  # the adapter does not load or fit: the submission's fault, not the worker's
+            error, input_error = str(exc), True
     except Exception as exc:
-        renewing.set()
-        source.fail(job_id, instance, f"{type(exc).__name__}: {exc}", input_error=False)
-        say(f"job {job_id}: failed ({type(exc).__name__}: {exc}); given back for another attempt")
-        return 0
+        error = f"{type(exc).__name__}: {exc}"
     finally:
         renewing.set()
         keeper.join()
     try:
+        if error:
+            source.fail(job_id, instance, error, input_error=input_error)
+            outcome = "could not be evaluated" if input_error else "failed; given back for another attempt"
+            say(f"job {job_id}: {blind} {outcome}: {error}")
+            return 1 if input_error else 0
         status = source.complete(job_id, instance, scores, time.perf_counter() - began)
-    except UserError as exc:  # the lease ran out meanwhile: another worker owns the job and its result
-        say(f"job {job_id}: result dropped: {exc}")
+    except UserError as exc:  # the lease ran out meanwhile: another worker owns the job and its outcome
+        say(f"job {job_id}: outcome dropped: {exc}")
         return 0
     say(f"job {job_id}: {blind} {status}")
     return 1
