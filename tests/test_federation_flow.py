@@ -118,6 +118,12 @@ def test_a_federation_round_trip(world: dict[str, Path], tmp_path: Path) -> None
             payloads = [job.payload for job in session.scalars(select(Job))]
         assert payloads and all("client" not in json.dumps(p) and "asha" not in json.dumps(p) for p in payloads)
         assert run_worker(RemoteJobs(worker, tmp_path / "worker-cache"), "t", once=True) == 2
+        # What the worker fetched of each adapter: its weights and config, nothing of the donor's card or paths.
+        for folder in (tmp_path / "worker-cache" / "adapters").iterdir():
+            assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+            fetched = json.loads((folder / "adapter_config.json").read_text())
+            assert fetched["base_model_name_or_path"] == "seshu-federation-release-v0"
+            assert str(tmp_path) not in (folder / "adapter_config.json").read_text()
 
         mine = {row["blind_id"]: row for row in asha.json("GET", "/submissions")}
         assert mine[honest["blind_id"]]["status"] == "accepted", mine[honest["blind_id"]]
