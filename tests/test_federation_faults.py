@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from federation_helpers import save_lora_adapter
 from federation_service import free_port, save_tiny_chatless_base, upload_folder, write_sets
 from s3_server import s3_bucket_fixture, s3_endpoint_fixture  # noqa: F401
@@ -228,4 +229,43 @@ def test_a_federation_on_an_s3_store_keeps_every_artifact_there(
 
     open_store(store).get_dir(v1.manifest_sha256, tmp_path / "v1")
     assert (tmp_path / "v1" / "model.safetensors").is_file() and (tmp_path / "v1" / "CHANGELOG.md").is_file()
+    fed.close()
+
+
+def test_a_release_with_continued_pretraining_trains_the_merged_model(world: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    fed = _federation(world, tmp_path / "fed")
+    _submit_random(fed, tmp_path, 1)
+    assert run_worker(LocalJobs(fed), once=True) == 1
+    recipe = tmp_path / "cpt.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "data": {"train": str(world["general-en"]), "validation": 0.2},
+                "train": {
+                    "seq_len": 32,
+                    "batch_size": 2,
+                    "max_steps": 4,
+                    "eval_every": 4,
+                    "save_every": 4,
+                    "log_every": 2,
+                    "warmup_steps": 1,
+                    "lr": 1e-3,
+                },
+            }
+        ),
+        encoding="utf-8",
+    )
+    said: list[str] = []
+    outcome = publish_release(fed, cpt_recipe=recipe, report=said.append)
+    assert outcome.published and "continued pretraining on server data" in said
+    with fed.db.read() as session:
+        folders = {v: fed.unpack(session.get(Release, v).manifest_sha256, "releases") for v in (0, 1)}  # type: ignore[union-attr]
+    before, after = (load_file(str(folders[v] / "model.safetensors")) for v in (0, 1))
+    # The adapters touch attention projections only: a changed embedding is the continued pretraining's doing.
+    assert not torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
+    assert sorted(p.name for p in folders[1].iterdir() if p.suffix == ".json") == sorted(
+        p.name for p in folders[0].iterdir() if p.suffix == ".json"
+    )
     fed.close()
