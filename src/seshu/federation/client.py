@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from seshu.errors import UserError
+from seshu.federation import Report
 from seshu.hub.manifest import check_relative_path
 from seshu.io import sha256_file, staged_dir, write_text_atomic
 
@@ -23,8 +24,6 @@ CHUNK = 1 << 20
 UPLOAD_PART = 8 << 20  # bytes per PUT: a cut connection costs at most this much again
 RETRIES = 5
 RELEASE_MARKER = "federation-release.json"  # written beside a pulled release and a trained adapter
-
-Report = Callable[[str], None]
 
 
 class ServerError(UserError):

@@ -8,7 +8,6 @@ scored on every evaluation set at once: each later submission and release is jud
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import yaml
 
 from seshu.errors import UserError
+from seshu.federation import Report
 from seshu.federation.database import Database, current_revision, sqlite_url, upgrade
 from seshu.federation.evaluation import check_set_file, parse_set_name, score_folder
 from seshu.federation.layout import POLICY, SETTINGS, SFT_RECIPE, Federation
@@ -55,7 +55,7 @@ def init_federation(
     store_url: str | None = None,
     policy_path: Path | None = None,
     sft_recipe: Path | None = None,
-    report: Callable[[str], None] | None = None,
+    report: Report | None = None,
 ) -> InitReport:
     """Create the federation in `folder` (new or empty) whose release v0 is `base` (a folder or a Hub id)."""
     from seshu.federation.policy import Policy, load_policy

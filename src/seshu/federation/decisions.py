@@ -73,7 +73,7 @@ def complete_evaluation(
             total_norm=float(submission.checks.get("total_norm", 0.0)),
         )
         decision = decide(fed.policy, evidence)
-        submission.gains = {k: (v if v == v and abs(v) != float("inf") else None) for k, v in decision.gains.items()}
+        submission.gains = {k: (v if math.isfinite(v) else None) for k, v in decision.gains.items()}
         submission.status = "accepted" if decision.accepted else "rejected"
         submission.reason = "; ".join(decision.reasons)
     return submission

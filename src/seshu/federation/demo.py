@@ -25,7 +25,7 @@ import random
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +35,7 @@ import yaml
 
 from seshu import assets
 from seshu.errors import UserError
-
-Report = Callable[[str], None]
+from seshu.federation import Report
 
 HELD_OUT = 0.25  # of each donor's conversations, kept for the frozen `instruct` set and the v0/v1 comparison
 SEED = 0

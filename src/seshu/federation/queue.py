@@ -121,9 +121,7 @@ def give_up_stranded(session: Session) -> list[int]:
     returns their submission ids, for the caller to decide in the same transaction."""
     now = utcnow()
     stuck = list(
-        session.scalars(
-            select(Job).where(Job.status == RUNNING, Job.lease_expires < now, Job.attempts >= MAX_ATTEMPTS)
-        )
+        session.scalars(select(Job).where(Job.status == RUNNING, Job.lease_expires < now, Job.attempts >= MAX_ATTEMPTS))
     )
     for job in stuck:
         job.status, job.finished_at, job.lease_expires = FAILED, now, None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +21,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from seshu.errors import UserError
+from seshu.federation import Report
 from seshu.federation.decisions import scores_of
 from seshu.federation.evaluation import eval_set_files, score_folder
 from seshu.federation.layout import Federation
 from seshu.federation.models import Client, Release, Submission, utcnow
+from seshu.federation.policy import release_gate
 from seshu.federation.submissions import current_release
 from seshu.hub.card import render_card
 
@@ -34,8 +35,6 @@ CHANGELOG = "CHANGELOG.md"
 # The files of a model folder that make the release (a continued-pretraining run folder also holds checkpoints
 # and logs, which do not belong in it).
 MODEL_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
-
-Report = Callable[[str], None]
 
 
 @dataclass
@@ -111,8 +110,6 @@ def publish_release(
             candidate = _continue_pretraining(cpt_recipe, candidate, work)
         say("scoring the candidate on every frozen set")
         metrics = score_folder(candidate, None, release_set_files(fed, current.eval_sets))
-        from seshu.federation.policy import release_gate
-
         gate = release_gate(fed.policy, scores_of(metrics), scores_of(current.metrics))
         credits = [
             {

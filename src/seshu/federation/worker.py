@@ -13,15 +13,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from seshu.errors import UserError
-from seshu.federation import queue
+from seshu.federation import Report, queue
 from seshu.federation.evaluation import score_folder
-
-Report = Callable[[str], None]
 
 
 class JobSource(Protocol):
