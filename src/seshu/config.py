@@ -17,11 +17,13 @@ from seshu import assets
 from seshu.errors import UserError
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """The base of every config section: unknown keys are errors, and `model_*` field names are allowed."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class ModelSection(_Strict):
+class ModelSection(StrictModel):
     arch: str = "llama"
     preset: str = "tiny"
     init_from: str | None = None
@@ -29,7 +31,7 @@ class ModelSection(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class TokenizerTraining(_Strict):
+class TokenizerTraining(StrictModel):
     vocab_size: int = Field(8000, ge=64)
     kind: Literal["bpe", "unigram"] = "bpe"
     # Exponent of language-balanced sampling: 1.0 keeps the corpus' own mix, 0.0 gives every script the
@@ -38,12 +40,12 @@ class TokenizerTraining(_Strict):
     max_docs: int | None = Field(None, ge=1)
 
 
-class TokenizerSection(_Strict):
+class TokenizerSection(StrictModel):
     path: str | None = None
     train: TokenizerTraining = Field(default_factory=TokenizerTraining)
 
 
-class SourceEntry(_Strict):
+class SourceEntry(StrictModel):
     path: str
     weight: float = Field(1.0, gt=0)
     text_field: str | None = None
@@ -56,7 +58,7 @@ class SourceEntry(_Strict):
         return assets.resolve(value)
 
 
-class CleanSection(_Strict):
+class CleanSection(StrictModel):
     normalize: bool = True
     min_chars: int = Field(1, ge=0)
     max_chars: int | None = Field(None, ge=1)
@@ -68,7 +70,7 @@ class CleanSection(_Strict):
     scripts: list[str] | None = None
 
 
-class _SplitSources(_Strict):
+class _SplitSources(StrictModel):
     """Training sources and a validation split: a held-out fraction of them, or sources of its own."""
 
     train: str | SourceEntry | list[str | SourceEntry]
@@ -110,7 +112,7 @@ def _entries(value: str | SourceEntry | list[str | SourceEntry], text_field: str
     return [e if e.text_field else e.model_copy(update={"text_field": text_field}) for e in entries]
 
 
-class TrainSection(_Strict):
+class TrainSection(StrictModel):
     seq_len: int = Field(256, ge=8)
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
@@ -131,14 +133,14 @@ class TrainSection(_Strict):
     seed: int = 0
 
 
-class TrackSection(_Strict):
+class TrackSection(StrictModel):
     report_to: Literal["none", "tensorboard", "mlflow"] = "none"
     experiment: str = "seshu"
     # For mlflow: a tracking URI; by default a local store inside the run directory.
     tracking_uri: str | None = None
 
 
-class LoraSection(_Strict):
+class LoraSection(StrictModel):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, gt=0)
     # None: 0.05, or 0 when fused expert parameters are targeted (peft applies no dropout to those).
@@ -150,7 +152,7 @@ class LoraSection(_Strict):
     use_rslora: bool = False
 
 
-class PretrainRecipe(_Strict):
+class PretrainRecipe(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: DataSection
@@ -169,7 +171,7 @@ class InstructionDataSection(_SplitSources):
     max_records: int | None = Field(None, ge=1)
 
 
-class SFTSection(_Strict):
+class SFTSection(StrictModel):
     method: Literal["lora", "qlora", "full"] = "lora"
     lora: LoraSection = Field(default_factory=LoraSection)
     # Several short conversations per sequence, each attending only to itself (where the trainer supports it).
@@ -184,7 +186,7 @@ class SFTTrainSection(TrainSection):
     weight_decay: float = Field(0.0, ge=0)
 
 
-class SFTRecipe(_Strict):
+class SFTRecipe(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: InstructionDataSection

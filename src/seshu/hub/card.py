@@ -35,6 +35,22 @@ def describe_model(ref: str) -> list[dict[str, str]]:
     return describe_inputs([str(p) for p in defining])
 
 
+def usage_snippet(*, base: str | None = None) -> str:
+    """The markdown code block a card shows to load the artifact with plain transformers: a whole model, or
+    (given the base it was trained on) a peft adapter applied to that base."""
+    if base is None:
+        code = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"
+        )
+    else:
+        code = (
+            "from peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
+            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), PATH)\n"
+        )
+    return f"```python\n{code}```\n"
+
+
 def render_card(title: str, metadata: dict[str, Any], body: str) -> str:
     """A model card: YAML front matter (Hub metadata plus a `seshu` block) followed by markdown."""
     front = yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
