@@ -12,13 +12,13 @@ from helpers import save_tiny_model
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from seshu.chat import CHAT_TOKENS
 from seshu.config import SFTRecipe, validate
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.merge.config import MergeConfig
 from seshu.merge.engine import merge
 from seshu.models.chat_ready import write_chat_ready_model
-from seshu.tokenizer import CHAT_TOKENS
 from seshu.train import sft
 
 TOPICS = ["river", "market", "school", "train", "festival", "garden", "library", "kitchen"]

@@ -15,18 +15,17 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from seshu.chat import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE, ensure_chat_template
 from seshu.data.instructions import (
     FORMATS,
     InstructionStats,
     detect_format,
-    ensure_chat_template,
     labels_from_mask,
     read_conversations,
     tokenize_conversation,
     validate_conversation,
 )
 from seshu.errors import UserError
-from seshu.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -193,7 +193,7 @@ def test_chat_prompts(loaded: tuple[Any, PreTrainedTokenizerFast]) -> None:
 
 
 def test_answer_only_perplexity_matches_a_direct_computation(loaded: tuple[Any, PreTrainedTokenizerFast]) -> None:
-    from seshu.data.instructions import ensure_chat_template, tokenize_conversation
+    from seshu.chat import ensure_chat_template, tokenize_conversation
 
     model, tokenizer = loaded
     assert not ensure_chat_template(tokenizer)  # the ChatML tokens exist, so the vocabulary stays

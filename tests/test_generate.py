@@ -24,19 +24,16 @@ from transformers import (
 from typer.testing import CliRunner
 
 import seshu.generate as gen
+from seshu.chat import DEFAULT_CHAT_TEMPLATE, chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.cli.generate import register
 from seshu.errors import UserError
 from seshu.generate import (
     SamplingOptions,
     chat_loop,
-    chat_prompt,
-    encode_prompt,
-    end_of_turn_ids,
     generate_text,
     load_for_generation,
 )
 from seshu.models.registry import ARCHS, build_config, build_model
-from seshu.tokenizer import DEFAULT_CHAT_TEMPLATE
 
 CORPUS = [
     "hello world, the cat sat on the mat.",

@@ -12,13 +12,12 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from typer.testing import CliRunner
 
+from seshu.chat import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE
 from seshu.cli.tokenizer import app
 from seshu.data.scripts import detect_script
 from seshu.errors import UserError
 from seshu.tokenizer import (
     ALL_SPECIAL_TOKENS,
-    CHAT_TOKENS,
-    DEFAULT_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     ScriptStats,
     balanced_sample,

@@ -13,17 +13,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from jinja2.exceptions import TemplateError
 from transformers import GenerationConfig, PreTrainedTokenizerBase, set_seed
 from transformers.generation.streamers import BaseStreamer
 
+from seshu.chat import chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.errors import UserError
 from seshu.models.loading import default_device, load_causal_lm
-from seshu.tokenizer import DEFAULT_CHAT_TEMPLATE
-
-# End-of-turn markers of common chat templates (ChatML, Llama 3, Gemma, Phi-3). A chat answer ends at the
-# first of these that the tokenizer knows and the template writes; base models only know eos.
-END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
 @dataclass(frozen=True)
@@ -144,22 +139,6 @@ class _TextPieces(BaseStreamer):
         self._emit(final=True)
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The prompt's ids as a document starts in training: [bos] text, and no eos (the text goes on).
-
-    Encoding without the tokenizer's own special tokens and then adding bos when it is not already first
-    gives one bos whether the tokenizer adds it itself (Llama), does not (Seshu's), or the text starts with it
-    already (a chat template that writes bos).
-    """
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:1] != [bos]:
-        ids.insert(0, bos)
-    if not ids:
-        raise UserError("the prompt is empty and the tokenizer has no bos token to start from; give a prompt")
-    return ids
-
-
 def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -194,39 +173,6 @@ def generate_text(
 
 # --------------------------------------------------------------------------------------------------
 # Chat
-
-
-def _template_source(tokenizer: PreTrainedTokenizerBase) -> str:
-    template = tokenizer.chat_template
-    if isinstance(template, dict):  # named templates ("default", "tool_use", ...)
-        return "\n".join(template.values())
-    return template or DEFAULT_CHAT_TEMPLATE
-
-
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> str:
-    """`messages` rendered by the tokenizer's chat template (Seshu's ChatML template when it has none), ending
-    with the cue for the assistant's next answer."""
-    fallback = None if tokenizer.chat_template else DEFAULT_CHAT_TEMPLATE
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, chat_template=fallback
-        )
-    except (TemplateError, ValueError, TypeError, KeyError) as exc:
-        raise UserError(f"the tokenizer's chat template cannot render this conversation: {exc}") from None
-    if not isinstance(text, str):
-        raise UserError(f"the tokenizer's chat template rendered a {type(text).__name__}, not text")
-    return text
-
-
-def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """eos plus the end-of-turn tokens that the tokenizer knows and its chat template writes."""
-    vocab = tokenizer.get_vocab()
-    source = _template_source(tokenizer)
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    for token in END_OF_TURN_TOKENS:
-        if token in vocab and token in source and vocab[token] not in ids:
-            ids.append(vocab[token])
-    return ids
 
 
 def _context_length(model: Any) -> int | None:

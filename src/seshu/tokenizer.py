@@ -30,9 +30,10 @@ from typing import Any, Literal
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from seshu.chat import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE
 from seshu.data.scripts import SCRIPTS, char_script, detect_script
 from seshu.data.sources import corpus_files, read_documents
-from seshu.errors import UserError
+from seshu.errors import UserError, first_line
 from seshu.hub.card import render_card
 from seshu.io import sha256_file, staged_dir
 
@@ -41,23 +42,7 @@ KINDS: tuple[str, ...] = ("bpe", "unigram")
 
 # Dict order is id order: pad, bos, eos, unk get ids 0, 1, 2, 3.
 SPECIAL_TOKENS: dict[str, str] = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-CHAT_TOKENS: tuple[str, str] = ("<|im_start|>", "<|im_end|>")
 ALL_SPECIAL_TOKENS: tuple[str, ...] = (*SPECIAL_TOKENS.values(), *CHAT_TOKENS)
-
-# ChatML. The {% generation %} markers let transformers return an assistant-token mask
-# (`return_assistant_tokens_mask=True`), which SFT uses to train on answers only; they render to nothing.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 # The context the tokenizer advertises until a model is attached (transformers warns past it); whoever
 # saves a model with it should set `model_max_length` to the model's real sequence length.
@@ -338,8 +323,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
     except (OSError, ValueError, KeyError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot load a tokenizer from it ({reason})") from None
+        raise UserError(f"{path}: cannot load a tokenizer from it ({first_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from seshu.chat import ensure_chat_template
 from seshu.data.instruction_formats import (
     FORMATS,
     InstructionFormat,
@@ -27,8 +28,7 @@ from seshu.data.instruction_formats import (
     validate_conversation,
 )
 from seshu.data.sources import SourceRecord, read_records
-from seshu.errors import UserError
-from seshu.tokenizer import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE
+from seshu.errors import UserError, first_line
 
 __all__ = [
     "FORMATS",
@@ -52,12 +52,6 @@ IGNORE_INDEX = -100  # the label PyTorch's cross-entropy (and so every transform
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 # Rendered once to check a template before hours of training depend on it.
-_PROBE: list[Message] = [
-    {"role": "user", "content": "What is two plus two?"},
-    {"role": "assistant", "content": "Four."},
-]
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading records
 
@@ -154,49 +148,6 @@ def _convert(record: SourceRecord, format: str, formats: dict[str, InstructionFo
 # Chat template
 
 
-def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Make sure `tokenizer` has a chat template that renders; True when tokens had to be added.
-
-    A tokenizer's own template is kept: the model was trained with it. Without one, Seshu's ChatML template
-    (`DEFAULT_CHAT_TEMPLATE`) is set, and `<|im_start|>`/`<|im_end|>` are added as special tokens when the
-    tokenizer does not already encode each as a single token. The template is an attribute of the tokenizer,
-    so `save_pretrained` writes it and `apply_chat_template` works wherever the tokenizer is loaded. When
-    this returns True the vocabulary grew: the caller must resize the model's embeddings
-    (`model.resize_token_embeddings(len(tokenizer))`) before training.
-    """
-    added = False
-    if not tokenizer.chat_template:
-        missing = [token for token in CHAT_TOKENS if not _is_single_token(tokenizer, token)]
-        if missing:
-            before = len(tokenizer)
-            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
-            # A token already in the vocabulary (but split by the pre-tokenizer) keeps its id: no growth.
-            added = len(tokenizer) > before
-            if added:
-                logger.warning(
-                    "added the chat tokens %s to the tokenizer (now %d tokens); resize the model's embeddings",
-                    ", ".join(missing),
-                    len(tokenizer),
-                )
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
-    try:
-        rendered = tokenizer.apply_chat_template(_PROBE, tokenize=False)
-    except Exception as exc:  # any failure of a user-supplied Jinja template is a mistake in that template
-        raise UserError(f"chat template does not render: {_reason(exc)}; fix the tokenizer's chat template") from None
-    if not isinstance(rendered, str) or _PROBE[-1]["content"] not in rendered:
-        raise UserError("chat template does not render: the assistant's answer is missing from its output")
-    return added
-
-
-def _is_single_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
-    return len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
-
-
-def _reason(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------------------------------
 # Tokenizing with an answer mask
 
@@ -281,7 +232,7 @@ def _apply(tokenizer: PreTrainedTokenizerBase, messages: list[Message], **kwargs
     try:
         return tokenizer.apply_chat_template(messages, **kwargs)
     except Exception as exc:
-        raise UserError(f"chat template does not render this conversation: {_reason(exc)}") from None
+        raise UserError(f"chat template does not render this conversation: {first_line(exc)}") from None
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
+from seshu.chat import chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.errors import UserError
 from seshu.evaluate.perplexity import NLLTotals, model_context_length
 from seshu.evaluate.tasks import Task, TaskRecord, check_template, get_task, read_line_pairs, render_prompt
-from seshu.generate import SamplingOptions, chat_prompt, encode_prompt, end_of_turn_ids
+from seshu.generate import SamplingOptions
 from seshu.io import write_text_atomic
 from seshu.progress import progress_bar
 
@@ -69,7 +70,7 @@ def use_chat(tokenizer: PreTrainedTokenizerBase, task: Task, chat: bool | None) 
     if not (wanted or task.answer_perplexity):
         return False
     if not tokenizer.chat_template:
-        from seshu.data.instructions import ensure_chat_template
+        from seshu.chat import ensure_chat_template
 
         if ensure_chat_template(tokenizer):  # True when it had to add tokens
             raise UserError(

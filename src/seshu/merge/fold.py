@@ -20,8 +20,8 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from seshu.chat import encode_prompt
 from seshu.errors import UserError
-from seshu.generate import encode_prompt
 from seshu.hub.card import check_replaceable_output, describe_inputs, render_card
 from seshu.io import sha256_file, staged_dir
 from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, first_line, load_with_adapter

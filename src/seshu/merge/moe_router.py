@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from seshu.generate import encode_prompt
+from seshu.chat import encode_prompt
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 

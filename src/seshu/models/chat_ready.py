@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 from transformers import PreTrainedModel
 
-from seshu.data.instructions import ensure_chat_template
+from seshu.chat import ensure_chat_template
 from seshu.hub.card import check_replaceable_output, describe_model, render_card
 from seshu.io import staged_dir
 from seshu.models.loading import embedding_rows, load_causal_lm

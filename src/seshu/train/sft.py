@@ -22,6 +22,7 @@ from peft import PeftModel, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
 from trl import SFTConfig, SFTTrainer
 
+from seshu.chat import CHAT_TOKENS
 from seshu.config import SFTRecipe, SourceEntry, dump_recipe
 from seshu.data.instructions import InstructionStats, read_conversations, tokenize_conversation
 from seshu.data.mixing import is_validation
@@ -31,7 +32,7 @@ from seshu.hub.card import describe_inputs, describe_model, render_card
 from seshu.io import write_text_atomic
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
 from seshu.models.registry import ARCHS, arch_of
-from seshu.tokenizer import CHAT_TOKENS, load_tokenizer
+from seshu.tokenizer import load_tokenizer
 from seshu.train.common import (
     LanguageModelLossMixin,
     check_environment,
@@ -234,7 +235,7 @@ def prepare_model(
 
 
 def _load_tokenizer(recipe: SFTRecipe) -> tuple[PreTrainedTokenizerBase, bool]:
-    from seshu.data.instructions import ensure_chat_template
+    from seshu.chat import ensure_chat_template
 
     assert recipe.model.init_from is not None
     tokenizer = load_tokenizer(recipe.tokenizer.path or recipe.model.init_from)
