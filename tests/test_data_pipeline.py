@@ -185,3 +185,30 @@ def test_missing_source_fails_before_any_work(
     data = section(train=str(tmp_path / "nope.jsonl"), validation=str(corpus["val"]))
     with pytest.raises(UserError, match=r"nope\.jsonl: no such file or folder"):
         build_block_datasets(data, tokenizer, seq_len=8, seed=0, cache_dir=tmp_path / "c")
+
+
+def test_a_play_keeps_its_repeated_short_lines_and_its_newlines(tmp_path: Path) -> None:
+    """De-duplication removes copies of documents, never the repeated lines of one text."""
+    rng = random.Random(0)
+    speeches = [f"{rng.choice(['ROMEO:', 'JULIET:', 'NURSE:'])}\n{' '.join(rng.choices(VOCAB, k=8))}\nAy.\n"
+                for _ in range(200)]
+    play = tmp_path / "play.txt"
+    play.write_text("\n".join(speeches), encoding="utf-8")
+    data = section(train=str(play), validation=0.1)
+    train = list(training_documents(data, seed=0))
+    held = list(validation_documents(data, seed=0))
+    assert len(train) == len(held) == 1
+    whole = train[0] + "\n" + held[0]
+    assert whole == play.read_text(encoding="utf-8").strip()
+    assert whole.count("\nAy.\n") == 199  # every repeated line is still there, newlines and all
+    # Read line by line, the same file loses every repeated line to exact de-duplication.
+    by_line = list(training_documents(section(train=str(play), validation=0.1, text_unit="line"), seed=0))
+    assert by_line.count("Ay.") <= 1
+
+
+def test_text_unit_per_source_overrides_the_section_default(tmp_path: Path) -> None:
+    play = tmp_path / "play.txt"
+    play.write_text("A:\nhello there\n\nB:\nhello back\n", encoding="utf-8")
+    data = section(train=[{"path": str(play), "text_unit": "paragraph"}], validation=str(play), text_unit="line")
+    assert list(training_documents(data, seed=0)) == ["A:\nhello there", "B:\nhello back"]
+    assert list(validation_documents(data, seed=0)) == ["A:", "hello there", "B:", "hello back"]

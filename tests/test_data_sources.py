@@ -12,7 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from seshu.config import SourceEntry
-from seshu.data.sources import SourceRecord, corpus_files, read_documents, read_records, source_documents
+from seshu.data import sources
+from seshu.data.mixing import Holdout
+from seshu.data.sources import (
+    SourceRecord,
+    corpus_files,
+    detect_text_unit,
+    read_documents,
+    read_records,
+    source_documents,
+)
 from seshu.errors import UserError
 
 
@@ -21,10 +30,76 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def test_txt_is_one_document_per_non_empty_line(tmp_path: Path) -> None:
+def test_txt_by_line_is_one_document_per_non_empty_line(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     path.write_text("first line\n\n   \nsecond line\r\nनमस्ते दुनिया\n", encoding="utf-8")
-    assert list(read_documents(str(path))) == ["first line", "second line", "नमस्ते दुनिया"]
+    assert list(read_documents(str(path), text_unit="line")) == ["first line", "second line", "नमस्ते दुनिया"]
+
+
+PLAY = "ROMEO:\nBut soft, what light?\n\nJULIET:\nAy me!\r\n\nROMEO:\nShe speaks.\n"
+
+
+def test_txt_by_paragraph_keeps_newlines_inside_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "play.txt"
+    path.write_text(PLAY, encoding="utf-8")
+    assert list(read_documents(str(path), text_unit="paragraph")) == [
+        "ROMEO:\nBut soft, what light?",
+        "JULIET:\nAy me!",
+        "ROMEO:\nShe speaks.",
+    ]
+
+
+def test_txt_by_file_is_the_whole_text_with_its_newlines(tmp_path: Path) -> None:
+    path = tmp_path / "play.txt"
+    path.write_text(PLAY, encoding="utf-8")
+    assert list(read_documents(str(path), text_unit="file")) == [PLAY.replace("\r\n", "\n").strip()]
+
+
+def test_auto_reads_texts_whole_and_record_per_line_files_by_line(tmp_path: Path) -> None:
+    play = tmp_path / "play.txt"
+    play.write_text(PLAY * 20, encoding="utf-8")
+    code = tmp_path / "code.txt"  # no blank line, but indented: code (or verse) stays whole
+    code.write_text("def f(x):\n    y = x + 1\n    return y\nprint(f(2))\n", encoding="utf-8")
+    records = tmp_path / "records.txt"
+    records.write_text("".join(f"record number {i} of the corpus\n" for i in range(200)), encoding="utf-8")
+    assert [detect_text_unit(p) for p in (play, code, records)] == ["file", "file", "line"]
+    assert len(list(read_documents(str(play)))) == 1
+    assert list(read_documents(str(code))) == [code.read_text(encoding="utf-8").strip()]
+    assert len(list(read_documents(str(records)))) == 200
+
+
+def test_a_long_text_comes_in_pieces_cut_at_blank_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "PIECE_CHARS", 100)
+    paragraphs = [f"paragraph {i}\n" + " ".join(["word"] * (i % 7 + 3)) for i in range(60)]
+    path = tmp_path / "book.txt"
+    path.write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    pieces = list(read_documents(str(path), text_unit="file"))
+    assert len(pieces) > 5
+    assert all(piece.startswith("paragraph") for piece in pieces)  # each piece starts a paragraph
+    assert "\n\n".join(pieces) == path.read_text(encoding="utf-8").strip()  # nothing lost or doubled
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.37])
+def test_holdout_of_a_text_read_whole_is_its_end(tmp_path: Path, fraction: float) -> None:
+    path = tmp_path / "book.txt"
+    lines = [f"line {i}:" + " abc" * (i % 5) for i in range(500)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train = list(read_documents(str(path), text_unit="file", holdout=Holdout(fraction, 0, "train")))
+    held = list(read_documents(str(path), text_unit="file", holdout=Holdout(fraction, 0, "validation")))
+    assert len(train) == len(held) == 1  # one document, split by position rather than sent to one side whole
+    assert train[0] + "\n" + held[0] == path.read_text(encoding="utf-8").strip()
+    share = len(held[0].encode()) / path.stat().st_size
+    assert abs(share - fraction) < 0.01
+
+
+def test_holdout_of_records_is_by_hash_disjoint_and_complete(tmp_path: Path) -> None:
+    path = tmp_path / "records.txt"
+    path.write_text("".join(f"record {i}\n" for i in range(400)) + "record 7\n", encoding="utf-8")
+    train = list(read_documents(str(path), holdout=Holdout(0.25, 3, "train")))
+    held = list(read_documents(str(path), holdout=Holdout(0.25, 3, "validation")))
+    assert sorted(train + held) == sorted(read_documents(str(path)))
+    assert not set(train) & set(held)  # the repeated record lands on one side only
+    assert 60 < len(held) < 140
 
 
 def test_jsonl_reads_the_configured_field_and_skips_empty_values(tmp_path: Path) -> None:

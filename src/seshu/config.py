@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from seshu import assets
-from seshu.errors import UserError
+from seshu.errors import UserError, first_line
 
 
 class StrictModel(BaseModel):
@@ -45,10 +45,15 @@ class TokenizerSection(StrictModel):
     train: TokenizerTraining = Field(default_factory=TokenizerTraining)
 
 
+# How a `.txt` file is cut into documents (see `seshu.data.sources.read_documents`).
+TextUnit = Literal["auto", "line", "paragraph", "file"]
+
+
 class SourceEntry(StrictModel):
     path: str
     weight: float = Field(1.0, gt=0)
     text_field: str | None = None
+    text_unit: TextUnit | None = None
     name: str | None = None  # HF dataset configuration
     split: str = "train"
 
@@ -86,17 +91,21 @@ class _SplitSources(StrictModel):
     def _text_field(self) -> str:
         return "text"
 
+    def _text_unit(self) -> TextUnit:
+        return "auto"
+
     def train_sources(self) -> list[SourceEntry]:
-        return _entries(self.train, self._text_field())
+        return _entries(self.train, self._text_field(), self._text_unit())
 
     def validation_sources(self) -> list[SourceEntry]:
         if isinstance(self.validation, float):
             return []
-        return _entries(self.validation, self._text_field())
+        return _entries(self.validation, self._text_field(), self._text_unit())
 
 
 class DataSection(_SplitSources):
     text_field: str = "text"
+    text_unit: TextUnit = "auto"
     streaming: bool = False
     mix_stop: Literal["first_exhausted", "all_exhausted"] = "all_exhausted"
     clean: CleanSection = Field(default_factory=CleanSection)
@@ -105,11 +114,17 @@ class DataSection(_SplitSources):
     def _text_field(self) -> str:
         return self.text_field
 
+    def _text_unit(self) -> TextUnit:
+        return self.text_unit
 
-def _entries(value: str | SourceEntry | list[str | SourceEntry], text_field: str) -> list[SourceEntry]:
+
+def _entries(
+    value: str | SourceEntry | list[str | SourceEntry], text_field: str, text_unit: TextUnit
+) -> list[SourceEntry]:
     items = value if isinstance(value, list) else [value]
     entries = [SourceEntry(path=item) if isinstance(item, str) else item for item in items]
-    return [e if e.text_field else e.model_copy(update={"text_field": text_field}) for e in entries]
+    defaults = {"text_field": text_field, "text_unit": text_unit}
+    return [e.model_copy(update={k: v for k, v in defaults.items() if getattr(e, k) is None}) for e in entries]
 
 
 class TrainSection(StrictModel):
@@ -212,7 +227,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or first_line(exc)
         raise UserError(f"{path}{where}: malformed YAML: {problem}") from None
     if raw is None:
         raw = {}

@@ -31,10 +31,12 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from seshu.chat import CHAT_TOKENS, DEFAULT_CHAT_TEMPLATE
+from seshu.config import TextUnit
 from seshu.data.scripts import SCRIPTS, char_script, detect_script
 from seshu.data.sources import corpus_files, read_documents
 from seshu.errors import UserError, first_line
 from seshu.hub.card import render_card
+from seshu.hub.ids import is_hub_id
 from seshu.io import sha256_file, staged_dir
 
 TokenizerKind = Literal["bpe", "unigram"]
@@ -317,8 +319,7 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if local.exists():
         if not local.is_dir():
             raise UserError(f"{path}: a tokenizer is a folder (with tokenizer.json), not a file")
-    elif path.startswith((".", "/", "~")) or path.count("/") > 1:
-        # Clearly a path, not an "org/name" Hub id: don't send it to the Hub.
+    elif not is_hub_id(path):  # a mistyped path: sending it to the Hub would only add retries to the error
         raise UserError(f"{path}: tokenizer folder not found; train one with `seshu tokenizer train`")
     try:
         return AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
@@ -422,6 +423,7 @@ def train_from_paths(
     kind: TokenizerKind = "bpe",
     *,
     text_field: str = "text",
+    text_unit: TextUnit = "auto",
     balance_alpha: float | None = None,
     max_docs: int | None = None,
     seed: int = 0,
@@ -432,7 +434,7 @@ def train_from_paths(
     _check_kind_and_size(kind, vocab_size)  # before reading a possibly large corpus
     if not data:
         raise UserError("no corpus given: pass at least one --data PATH")
-    sources = [read_documents(path, text_field) for path in data]  # checks every path up front
+    sources = [read_documents(path, text_field, text_unit=text_unit) for path in data]  # checks every path now
     docs = select_documents((doc for source in sources for doc in source), seed=seed, max_docs=max_docs)
     used = len(docs)
     if balance_alpha is not None:
@@ -450,6 +452,7 @@ def train_from_paths(
         "kind": kind,
         "vocab_size": len(tokenizer),
         "requested_vocab_size": vocab_size,
+        "text_unit": text_unit,
         "balance_alpha": balance_alpha,
         "max_docs": max_docs,
         "seed": seed,
@@ -463,10 +466,12 @@ def train_from_paths(
     )
 
 
-def stats_from_paths(tokenizer: str, data: list[str], text_field: str = "text") -> dict[str, ScriptStats]:
+def stats_from_paths(
+    tokenizer: str, data: list[str], text_field: str = "text", text_unit: TextUnit = "auto"
+) -> dict[str, ScriptStats]:
     """`tokenizer_stats` of the tokenizer at `tokenizer` (folder or Hub id) over the corpora at `data`."""
     if not data:
         raise UserError("no corpus given: pass at least one --data PATH")
     tok = load_tokenizer(tokenizer)
-    sources = [read_documents(path, text_field) for path in data]
+    sources = [read_documents(path, text_field, text_unit=text_unit) for path in data]
     return tokenizer_stats(tok, (doc for source in sources for doc in source))

@@ -41,8 +41,11 @@ def main() -> None:
     # Seshu does not need; without a handler of its own that reaches stderr through logging's last resort.
     logging.getLogger("bitsandbytes").addHandler(logging.NullHandler())
     _register()
+    from seshu.cli.argv import expand_list_options
+
+    args = expand_list_options(typer.main.get_command(app), sys.argv[1:])
     try:
-        app()
+        app(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

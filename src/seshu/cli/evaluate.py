@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from seshu.config import TextUnit
+
 app = typer.Typer(help="Evaluate models and plot training runs.", no_args_is_help=True, add_completion=False)
 
 
@@ -20,6 +22,9 @@ def perplexity(
     data: list[str] = typer.Option(..., "--data", help="Corpus file, folder or dataset id (repeatable)."),
     adapter: str | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder applied on top of the model."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSON/CSV/Parquet records."),
+    text_unit: TextUnit = typer.Option(
+        "auto", "--text-unit", help="How a .txt file is cut into documents: auto, line, paragraph or file."
+    ),
     max_length: int | None = typer.Option(
         None, "--max-length", help="Tokens per window; default the model's context (1024 if it has none)."
     ),
@@ -45,6 +50,7 @@ def perplexity(
         data,
         adapter=adapter,
         text_field=text_field,
+        text_unit=text_unit,
         max_length=max_length,
         stride=stride,
         batch_size=batch_size,
@@ -81,12 +87,17 @@ def generate(
     target_lang: str | None = typer.Option(None, "--target-lang", help="Fills {target_lang}, e.g. Hindi."),
     source_lang: str | None = typer.Option(None, "--source-lang", help="Fills {source_lang}."),
     chat: bool | None = typer.Option(
-        None, "--chat/--no-chat", help="Wrap prompts in the chat template; default: when the tokenizer has one."
+        None,
+        "--chat/--no-chat",
+        help="Wrap prompts in the chat template; default: when the tokenizer has one, unless the model's card "
+        "says it was only pretrained.",
     ),
     first_line: bool | None = typer.Option(
         None, "--first-line/--full-answer", help="Keep only the answer's first line; default on for translation, qa."
     ),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Longest answer, in tokens."),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", help="Longest answer, in tokens; default 128, or half the model's context if less."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts generated together."),
     max_records: int | None = typer.Option(None, "--max-records", help="Evaluate the first N records only."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default the best there is."),

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from seshu.config import TextUnit
+
 app = typer.Typer(
     help="Train tokenizers and measure them per script.", no_args_is_help=True, add_completion=False
 )
@@ -23,6 +25,9 @@ def train(
     vocab_size: int = typer.Option(8000, "--vocab-size", help="Tokens in all, special tokens included."),
     kind: Literal["bpe", "unigram"] = typer.Option("bpe", "--kind", help="Byte-level BPE or Unigram."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSON/CSV/Parquet records."),
+    text_unit: TextUnit = typer.Option(
+        "auto", "--text-unit", help="How a .txt file is cut into documents: auto, line, paragraph or file."
+    ),
     balance_alpha: float | None = typer.Option(
         None, "--balance-alpha", help="Balance scripts: 1 keeps the mix, 0 equal shares, 0.3 is typical."
     ),
@@ -38,6 +43,7 @@ def train(
         vocab_size,
         kind,
         text_field=text_field,
+        text_unit=text_unit,
         balance_alpha=balance_alpha,
         max_docs=max_docs,
         seed=seed,
@@ -60,12 +66,15 @@ def stats(
     tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer or model folder, or Hub id."),
     data: list[str] = typer.Option(..., "--data", help="Corpus file, folder or dataset id (repeatable)."),
     text_field: str = typer.Option("text", "--text-field", help="Text field of JSON/CSV/Parquet records."),
+    text_unit: TextUnit = typer.Option(
+        "auto", "--text-unit", help="How a .txt file is cut into documents: auto, line, paragraph or file."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only, for scripts."),
 ) -> None:
     """Fertility (tokens per word) and bytes per token, per script."""
     from seshu.tokenizer import stats_from_paths, stats_report
 
-    report = stats_report(stats_from_paths(tokenizer, data, text_field))
+    report = stats_report(stats_from_paths(tokenizer, data, text_field, text_unit))
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False))
         return

@@ -10,6 +10,7 @@ import hashlib
 import random
 from bisect import bisect
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Literal
 
@@ -63,6 +64,15 @@ def _draw(rng: random.Random, weights: Sequence[float]) -> int:
     index = bisect(cumulative, rng.random() * cumulative[-1])
     # Float rounding can put the draw on the very end of the range; fall back to the last live source.
     return min(index, max(j for j, w in enumerate(weights) if w > 0))
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """One side of a train/validation split that holds out `fraction` of the text, drawn with `seed`."""
+
+    fraction: float
+    seed: int
+    side: Literal["train", "validation"]
 
 
 def is_validation(text: str, fraction: float, seed: int) -> bool:

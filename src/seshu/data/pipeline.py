@@ -26,33 +26,29 @@ from transformers import PreTrainedTokenizerBase
 
 from seshu.config import DataSection, SourceEntry
 from seshu.data.clean import CleanStats, clean_documents
-from seshu.data.mixing import is_validation, mix_sources
+from seshu.data.mixing import Holdout, mix_sources
 from seshu.data.packing import pack_documents
 from seshu.data.sources import corpus_files, source_documents
 from seshu.errors import UserError
 
 # Bump when the block-building code changes in a way that makes cached blocks stale.
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 BLOCK_FEATURES = datasets.Features({"input_ids": datasets.List(datasets.Value("int32"))})
 
 
 def training_documents(data: DataSection, seed: int, stats: CleanStats | None = None) -> Iterator[str]:
     """The cleaned, mixed training documents, without the held-out fraction when validation is one."""
-    docs = _mixed(data, data.train_sources(), seed, stats)
-    if isinstance(data.validation, float):
-        fraction = data.validation
-        docs = (doc for doc in docs if not is_validation(doc, fraction, seed))
-    return docs
+    holdout = Holdout(data.validation, seed, "train") if isinstance(data.validation, float) else None
+    return _mixed(data, data.train_sources(), seed, stats, holdout)
 
 
 def validation_documents(data: DataSection, seed: int) -> Iterator[str]:
-    """The cleaned documents of the validation sources, or the held-out fraction of the training stream
-    (the very documents `training_documents` leaves out)."""
+    """The cleaned documents of the validation sources, or the held-out fraction of the training sources
+    (the very text `training_documents` leaves out: the end of each text read whole, and hashed documents
+    otherwise, see `read_documents`)."""
     if isinstance(data.validation, float):
-        fraction = data.validation
-        docs = _mixed(data, data.train_sources(), seed, None)
-        return (doc for doc in docs if is_validation(doc, fraction, seed))
-    return _mixed(data, data.validation_sources(), seed, None)
+        return _mixed(data, data.train_sources(), seed, None, Holdout(data.validation, seed, "validation"))
+    return _mixed(data, data.validation_sources(), seed, None, None)
 
 
 def build_block_datasets(
@@ -76,13 +72,17 @@ def build_block_datasets(
     return train, datasets.Dataset.from_dict({"input_ids": blocks}, features=BLOCK_FEATURES)
 
 
-def _mixed(data: DataSection, entries: list[SourceEntry], seed: int, stats: CleanStats | None) -> Iterator[str]:
-    factories = [partial(_cleaned_source, entry, data, stats) for entry in entries]
+def _mixed(
+    data: DataSection, entries: list[SourceEntry], seed: int, stats: CleanStats | None, holdout: Holdout | None
+) -> Iterator[str]:
+    factories = [partial(_cleaned_source, entry, data, stats, holdout) for entry in entries]
     return mix_sources(factories, [entry.weight for entry in entries], seed, data.mix_stop)
 
 
-def _cleaned_source(entry: SourceEntry, data: DataSection, stats: CleanStats | None) -> Iterator[str]:
-    return clean_documents(source_documents(entry, data.streaming), data.clean, stats)
+def _cleaned_source(
+    entry: SourceEntry, data: DataSection, stats: CleanStats | None, holdout: Holdout | None
+) -> Iterator[str]:
+    return clean_documents(source_documents(entry, data.streaming, holdout), data.clean, stats)
 
 
 def _block_rows(

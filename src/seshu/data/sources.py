@@ -14,15 +14,17 @@ import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from seshu import assets
-from seshu.config import SourceEntry
-from seshu.errors import UserError
+from seshu.config import SourceEntry, TextUnit
+from seshu.data.clean import normalize
+from seshu.data.mixing import Holdout, is_validation
+from seshu.errors import UserError, first_line
 
 # Rows per Parquet batch: enough to amortise Arrow's per-batch cost, few enough to stay at a few MB.
 _BATCH_ROWS = 1024
@@ -30,12 +32,24 @@ _CSV_BLOCK_BYTES = 1 << 22
 # "name" or "owner/name": the only shapes a Hub dataset id takes. Anything else that does not exist locally is
 # a mistyped path, and sending it to the Hub would only add a minute of network retries to the error.
 _DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+TEXT_UNITS: tuple[str, ...] = get_args(TextUnit)
+# A text read whole (`file`) reaches the pipeline in pieces of about this many characters, cut at a blank line
+# where there is one: memory stays bounded on a file of any size, and the separator packing puts between
+# pieces comes once per ~250k tokens, too rarely to teach the model anything.
+PIECE_CHARS = 1 << 20
+# `auto` decides from the start of a file: a text with this share of blank lines (paragraphs, speeches,
+# functions) or of indented lines (code, verse) is read whole; a file with neither is one record per line.
+_AUTO_SAMPLE_BYTES = 1 << 20
+_AUTO_MIN_BLANK = 0.02
+_AUTO_MIN_INDENTED = 0.10
 
 
 def read_documents(
     path: str,
     text_field: str = "text",
     *,
+    text_unit: TextUnit = "auto",
+    holdout: Holdout | None = None,
     split: str = "train",
     name: str | None = None,
     streaming: bool = True,
@@ -43,17 +57,26 @@ def read_documents(
     """The non-empty texts of a file, a folder (every supported file inside, recursively, in sorted order)
     or, when no such local path exists, a Hugging Face dataset id.
 
-    `.txt` files hold one document per non-empty line; `.jsonl`/`.json` records, `.parquet` and `.csv` rows
-    hold it in `text_field`. The path is checked (and a dataset id loaded) at call time, so a wrong path fails
-    before any work starts; the documents themselves are read lazily.
+    `.jsonl`/`.json` records, `.parquet` and `.csv` rows hold a document in `text_field`. A `.txt` file is
+    cut by `text_unit`: `line` (one document per non-empty line), `paragraph` (blocks between blank lines,
+    newlines kept), `file` (the whole text, newlines kept, in pieces of about `PIECE_CHARS`), or `auto`
+    (`file` for a text with blank or indented lines, such as a book, a play or code; `line` for a file with
+    neither, such as a corpus of one record per line).
+
+    `holdout` keeps one side of a train/validation split: a text read whole is split by position (its last
+    `fraction` is held out), any other document by a hash of its normalised text (`is_validation`).
+
+    The path is checked (and a dataset id loaded) at call time, so a wrong path fails before any work starts;
+    the documents themselves are read lazily.
     """
     local = _local(path)
     if local.exists():
         files = _corpus_files(local)
-        documents = _files_documents(files, text_field)
+        documents = _files_documents(files, text_field, text_unit, holdout)
     else:
-        documents = _hub_documents(path, text_field, split=split, name=name, streaming=streaming)
-    return _require_text(documents, path)
+        documents = _kept(_hub_documents(path, text_field, split=split, name=name, streaming=streaming), holdout)
+    # An empty side of a split is not this source's fault: the pipeline says which split has no text.
+    return documents if holdout is not None else _require_text(documents, path)
 
 
 def _local(path: str) -> Path:
@@ -61,10 +84,16 @@ def _local(path: str) -> Path:
     return Path(assets.resolve(path)).expanduser()
 
 
-def source_documents(entry: SourceEntry, streaming: bool) -> Iterator[str]:
+def source_documents(entry: SourceEntry, streaming: bool, holdout: Holdout | None = None) -> Iterator[str]:
     """`read_documents` for one `train`/`validation` entry of a recipe."""
     return read_documents(
-        entry.path, entry.text_field or "text", split=entry.split, name=entry.name, streaming=streaming
+        entry.path,
+        entry.text_field or "text",
+        text_unit=entry.text_unit or "auto",
+        holdout=holdout,
+        split=entry.split,
+        name=entry.name,
+        streaming=streaming,
     )
 
 
@@ -125,7 +154,7 @@ def _require_records(records: Iterator[SourceRecord], path: str) -> Iterator[Sou
 
 def _corpus_files(local: Path, suffixes: Collection[str] | None = None, what: str = "text") -> list[Path]:
     """The supported files at `local` (a file or a folder); `suffixes` narrows what counts as supported."""
-    allowed = tuple(_READERS) if suffixes is None else tuple(suffixes)
+    allowed = (".txt", *_READERS) if suffixes is None else tuple(suffixes)
     supported = ", ".join(allowed)
     if local.is_file():
         if local.suffix.lower() not in allowed:
@@ -143,11 +172,29 @@ def _corpus_files(local: Path, suffixes: Collection[str] | None = None, what: st
     return files
 
 
-def _files_documents(files: list[Path], text_field: str) -> Iterator[str]:
+def _files_documents(
+    files: list[Path], text_field: str, text_unit: TextUnit, holdout: Holdout | None
+) -> Iterator[str]:
     for file in files:
+        if file.suffix.lower() == ".txt":
+            yield from _read_txt(file, text_unit, holdout)
+            continue
         reader = _reader_for(file)
         assert reader is not None  # _corpus_files only lists supported files
-        yield from reader(file, text_field)
+        yield from _kept(reader(file, text_field), holdout)
+
+
+def _kept(documents: Iterable[str], holdout: Holdout | None) -> Iterator[str]:
+    """The documents on `holdout`'s side of the split (all of them without one). The hash is taken on the
+    normalised text, as cleaning leaves it, so every copy of a document lands on the same side and
+    de-duplication cannot leak one from training into validation."""
+    if holdout is None:
+        yield from documents
+        return
+    want = holdout.side == "validation"
+    for text in documents:
+        if is_validation(normalize(text), holdout.fraction, holdout.seed) == want:
+            yield text
 
 
 def _require_text(documents: Iterator[str], path: str) -> Iterator[str]:
@@ -164,11 +211,76 @@ def _require_text(documents: Iterator[str], path: str) -> Iterator[str]:
 # --- local formats -------------------------------------------------------------------------------------
 
 
-def _read_txt(file: Path, text_field: str) -> Iterator[str]:
-    """One document per non-empty line (`text_field` does not apply to plain text)."""
+def _read_txt(file: Path, text_unit: TextUnit, holdout: Holdout | None) -> Iterator[str]:
+    unit = text_unit if text_unit != "auto" else detect_text_unit(file)
+    if unit == "file":
+        yield from _text_pieces(file, holdout)
+    elif unit == "paragraph":
+        yield from _kept(_paragraphs(_text_lines(file)), holdout)
+    else:
+        yield from _kept((line.rstrip("\r\n") for line in _lines(file) if line.strip()), holdout)
+
+
+def detect_text_unit(file: Path) -> Literal["line", "file"]:
+    """What `auto` reads `file` as, from its first MiB: `file` when enough lines are blank or indented (the
+    shape of prose, plays, verse and code), `line` when neither (one record per line)."""
+    with open(file, "rb") as handle:
+        head = handle.read(_AUTO_SAMPLE_BYTES).decode("utf-8", errors="replace")
+    lines = head.strip("\r\n").splitlines()
+    if not lines:
+        return "line"
+    blank = sum(1 for line in lines if not line.strip())
+    indented = sum(1 for line in lines if line[:1] in (" ", "\t") and line.strip())
+    filled = len(lines) - blank
+    if blank >= _AUTO_MIN_BLANK * len(lines) or (filled and indented >= _AUTO_MIN_INDENTED * filled):
+        return "file"
+    return "line"
+
+
+def _text_lines(file: Path) -> Iterator[str]:
+    """`_lines` with Windows line ends as '\\n': inside a document a newline is one character, as it is to the
+    tokenizer and the model."""
     for line in _lines(file):
+        yield line[:-2] + "\n" if line.endswith("\r\n") else line
+
+
+def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
+    """Blocks of lines between blank lines, with their inner newlines."""
+    block: list[str] = []
+    for line in lines:
         if line.strip():
-            yield line.rstrip("\r\n")
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip()
+            block = []
+    if block:
+        yield "".join(block).rstrip()
+
+
+def _text_pieces(file: Path, holdout: Holdout | None) -> Iterator[str]:
+    """A whole text in pieces of about `PIECE_CHARS`, each ending at a blank line where one comes within
+    another `PIECE_CHARS` (else at a line end). With `holdout`, the text is cut once by position, at the first
+    line end past `1 - fraction` of its bytes, and only that side is read."""
+    cut = None if holdout is None else int(file.stat().st_size * (1 - holdout.fraction))
+    want_validation = holdout is not None and holdout.side == "validation"
+    offset = 0
+    piece: list[str] = []
+    size = 0
+    for line in _text_lines(file):
+        on_validation_side = cut is not None and offset >= cut
+        offset += len(line.encode("utf-8"))
+        if cut is not None and on_validation_side != want_validation:
+            if want_validation:
+                continue
+            break
+        piece.append(line)
+        size += len(line)
+        if size >= PIECE_CHARS and (not line.strip() or size >= 2 * PIECE_CHARS):
+            if text := "".join(piece).strip():
+                yield text
+            piece, size = [], 0
+    if text := "".join(piece).strip():
+        yield text
 
 
 def _read_jsonl(file: Path, text_field: str) -> Iterator[str]:
@@ -262,8 +374,8 @@ def _read_csv(file: Path, text_field: str) -> Iterator[str]:
         raise UserError(f"{file}: malformed CSV ({exc}); fix the file or export it again") from None
 
 
+# Readers of record formats, by suffix; `.txt` has a reader of its own (`_read_txt`), as it has no fields.
 _READERS: dict[str, Callable[[Path, str], Iterator[str]]] = {
-    ".txt": _read_txt,
     ".jsonl": _read_jsonl,
     ".json": _read_json,
     ".parquet": _read_parquet,
@@ -332,7 +444,7 @@ def _hub_documents(path: str, text_field: str, *, split: str, name: str | None, 
 
 
 def _load_hub_dataset(path: str, *, split: str, name: str | None, streaming: bool) -> Iterable[Any]:
-    if not _DATASET_ID.fullmatch(path) or _reader_for(Path(path)) is not None:
+    if not _DATASET_ID.fullmatch(path) or Path(path).suffix.lower() in (".txt", *_READERS):
         raise UserError(f"{path}: no such file or folder; check the path in the recipe")
     # Imported here: `datasets` takes a second to import and local corpora never need it.
     import datasets
@@ -340,9 +452,8 @@ def _load_hub_dataset(path: str, *, split: str, name: str | None, streaming: boo
     try:
         dataset = datasets.load_dataset(path, name, split=split, streaming=streaming)
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"{path}: no such file or folder, and loading it as a Hugging Face dataset failed ({reason}); "
+            f"{path}: no such file or folder, and loading it as a Hugging Face dataset failed ({first_line(exc)}); "
             "check the path, or the dataset id, its name/split and your connection"
         ) from None
     return dataset

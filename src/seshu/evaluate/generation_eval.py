@@ -31,6 +31,9 @@ from seshu.io import write_text_atomic
 from seshu.progress import progress_bar
 
 DEFAULT_MAX_NEW_TOKENS = 128
+# Cards of models that were never trained on chat-formatted text, whatever template their tokenizer carries
+# (Seshu's tokenizers ship one, so that fine-tuning can use it).
+_NOT_INSTRUCTION_TUNED = ("pretrain", "chat-ready")
 
 
 @dataclass
@@ -56,6 +59,23 @@ class GenerationEvalResult:
 
 # --------------------------------------------------------------------------------------------------
 # Prompts
+
+
+def default_max_new_tokens(model: Any) -> int:
+    """`DEFAULT_MAX_NEW_TOKENS`, or half the model's context when that is shorter, so a prompt still fits."""
+    context = model_context_length(model.config)
+    return DEFAULT_MAX_NEW_TOKENS if context is None else max(1, min(DEFAULT_MAX_NEW_TOKENS, context // 2))
+
+
+def instruction_tuned(model: str, adapter: str | None) -> bool | None:
+    """Whether the model (folder or Hub id, with `adapter`) was fine-tuned on chat-formatted text: False for a
+    Seshu model whose card says it was only pretrained (or only made chat-ready), None when its card cannot
+    tell (an adapter, a fine-tuned, folded or merged model, or a model from elsewhere)."""
+    if adapter is not None or not Path(model).is_dir():
+        return None
+    from seshu.hub.card import seshu_block
+
+    return False if seshu_block(Path(model)).get("command") in _NOT_INSTRUCTION_TUNED else None
 
 
 def use_chat(tokenizer: PreTrainedTokenizerBase, task: Task, chat: bool | None) -> bool:
@@ -322,7 +342,7 @@ def generation_eval_from_paths(
     source_lang: str | None = None,
     chat: bool | None = None,
     first_line: bool | None = None,
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_new_tokens: int | None = None,
     batch_size: int = 8,
     max_records: int | None = None,
     device: str | None = None,
@@ -331,11 +351,14 @@ def generation_eval_from_paths(
 ) -> GenerationEvalResult:
     """`seshu eval generate` as a function: read the records (`data`, or for translation the line-aligned
     `src_file`/`tgt_file`), load the model (with `adapter`), evaluate, and write per-record outputs to `out`
-    (JSON Lines, atomically). Inputs are all checked before the model loads."""
+    (JSON Lines, atomically). Inputs are all checked before the model loads.
+
+    `max_new_tokens` defaults to `default_max_new_tokens` of the model; `chat` to off for a model that was
+    only pretrained (`instruction_tuned`), else to whether the tokenizer has a chat template."""
     spec = get_task(task)
     if max_records is not None and max_records < 1:
         raise UserError(f"--max-records must be at least 1, not {max_records}")
-    if max_new_tokens < 1:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
     if prompt_template is not None:
         if spec.template is None:
@@ -349,6 +372,8 @@ def generation_eval_from_paths(
     from seshu.generate import load_for_generation
 
     lm, tokenizer = load_for_generation(model, adapter, device)
+    if chat is None and instruction_tuned(model, adapter) is False and not spec.answer_perplexity:
+        chat = False
     result = evaluate_generation(
         lm,
         tokenizer,
@@ -358,7 +383,7 @@ def generation_eval_from_paths(
         values=values,
         chat=chat,
         first_line=first_line,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens or default_max_new_tokens(lm),
         batch_size=batch_size,
         progress=progress,
     )

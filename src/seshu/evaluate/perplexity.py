@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from seshu.config import TextUnit
 from seshu.data.scripts import detect_script
 from seshu.errors import UserError
 
@@ -291,6 +292,7 @@ def perplexity_from_paths(
     *,
     adapter: str | None = None,
     text_field: str = "text",
+    text_unit: TextUnit = "auto",
     max_length: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
@@ -308,7 +310,7 @@ def perplexity_from_paths(
     if max_docs is not None and max_docs < 1:
         raise UserError(f"--max-docs must be at least 1, not {max_docs}")
     # Every source is opened (and so checked) before the model loads: a mistyped path fails in a second.
-    streams = [read_documents(path, text_field) for path in data]
+    streams = [read_documents(path, text_field, text_unit=text_unit) for path in data]
     documents: Iterable[str] = (doc for stream in streams for doc in stream)
     if max_docs is not None:
         documents = islice(documents, max_docs)

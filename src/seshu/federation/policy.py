@@ -35,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from seshu.config import apply_overrides, read_yaml, validate
+from seshu.config import StrictModel, apply_overrides, read_yaml, validate
 from seshu.errors import UserError
 from seshu.merge.checkpoint import parse_size
 
@@ -257,8 +257,8 @@ def release_gate(
 # The policy file
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
+class _Strict(StrictModel):
+    model_config = ConfigDict(**StrictModel.model_config, populate_by_name=True)
 
 
 class Limits(_Strict):

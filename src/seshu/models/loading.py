@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from seshu.errors import UserError
+from seshu.errors import UserError, first_line
+from seshu.hub.ids import is_hub_id
 from seshu.tokenizer import load_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -16,10 +17,9 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 
 def check_model_dir(path: str) -> None:
     """A local model folder must exist, hold a config and safetensors weights; Hub ids pass through."""
-    local = Path(path)
-    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
-    if not looks_local:
-        return  # an HF Hub id: let huggingface_hub resolve it
+    if is_hub_id(path):
+        return  # let huggingface_hub resolve it
+    local = Path(path).expanduser()
     if not local.is_dir():
         raise UserError(f"{path}: model directory not found")
     if not (local / "config.json").is_file():
@@ -58,7 +58,7 @@ def load_causal_lm(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot load the model: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: cannot load the model: {first_line(exc)}") from None
     check_vocab_fits(tokenizer, embedding_rows(model), path)
     if device:
         model = model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() as dtype-only

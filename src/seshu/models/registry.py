@@ -48,6 +48,8 @@ _ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Presets aim at: tiny ~1M parameters (tests), small 5-10M (a CPU can pretrain it), base ~100M, 1b ~1B, with
 # an 8k-32k vocabulary. Attention heads are 64 wide at small and up, the usual sweet spot for SDPA kernels.
+# Every width is a multiple of 64, as in real models: bitsandbytes' CPU 4-bit kernels need multiples of 32,
+# and matmul kernels run best on them.
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(
         name="llama",
@@ -55,7 +57,7 @@ ARCHS: dict[str, ArchSpec] = {
         presets={
             "tiny": dict(
                 hidden_size=64,
-                intermediate_size=172,
+                intermediate_size=192,
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 num_key_value_heads=2,
@@ -63,7 +65,7 @@ ARCHS: dict[str, ArchSpec] = {
             ),
             "small": dict(
                 hidden_size=256,
-                intermediate_size=688,
+                intermediate_size=704,
                 num_hidden_layers=6,
                 num_attention_heads=4,
                 num_key_value_heads=2,
@@ -95,7 +97,7 @@ ARCHS: dict[str, ArchSpec] = {
         presets={
             "tiny": dict(
                 hidden_size=64,
-                intermediate_size=96,
+                intermediate_size=128,
                 num_hidden_layers=2,
                 num_attention_heads=4,
                 num_key_value_heads=2,
@@ -105,7 +107,7 @@ ARCHS: dict[str, ArchSpec] = {
             ),
             "small": dict(
                 hidden_size=256,
-                intermediate_size=344,
+                intermediate_size=384,
                 num_hidden_layers=6,
                 num_attention_heads=4,
                 num_key_value_heads=2,
