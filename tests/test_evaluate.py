@@ -441,3 +441,23 @@ def test_cli_plot(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "p.png") in result.stdout
     assert_png(tmp_path / "p.png")
+
+
+def test_cli_perplexity_of_a_text_file_scores_it_as_one_stream(
+    tmp_path: Path, model_dir: Path, llama: PreTrainedModel, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """A book or a play (blank lines between paragraphs) is one document scored with sliding windows, newlines
+    included; `--text-unit line` scores it line by line from each line's first token."""
+    text = "\n\n".join(ENGLISH) + "\n"
+    data = tmp_path / "book.txt"
+    data.write_text(text, encoding="utf-8")
+    args = ["perplexity", "--model", str(model_dir), "--data", str(data), "--device", "cpu", "--json"]
+    whole = CliRunner().invoke(app, args)
+    assert whole.exit_code == 0, whole.output
+    report = json.loads(whole.stdout)
+    assert report["documents"] == 1 and report["bytes"] == len(text.strip().encode())
+    expected = perplexity_report(evaluate_perplexity(llama, tokenizer, [text.strip()]))
+    assert report["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
+    by_line = CliRunner().invoke(app, [*args, "--text-unit", "line"])
+    assert by_line.exit_code == 0, by_line.output
+    assert json.loads(by_line.stdout)["documents"] == len(ENGLISH)

@@ -193,7 +193,8 @@ def test_chat_prompts(loaded: tuple[Any, PreTrainedTokenizerFast]) -> None:
 
 
 def test_answer_only_perplexity_matches_a_direct_computation(loaded: tuple[Any, PreTrainedTokenizerFast]) -> None:
-    from seshu.chat import ensure_chat_template, tokenize_conversation
+    from seshu.chat import ensure_chat_template
+    from seshu.data.instructions import tokenize_conversation
 
     model, tokenizer = loaded
     assert not ensure_chat_template(tokenizer)  # the ChatML tokens exist, so the vocabulary stays
@@ -330,3 +331,38 @@ def test_missing_target_language_fails_before_the_model_loads(tmp_path: Path) ->
     data.write_text(json.dumps({"source": "hello", "target": "नमस्ते"}) + "\n")
     with pytest.raises(UserError, match="give --target-lang"):
         generation_eval_from_paths(str(tmp_path / "no-model-here"), "translation", data=str(data))
+
+
+def test_defaults_fit_a_short_context_and_a_pretrained_model_is_prompted_without_chat(
+    tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    """128 new tokens would leave no room for a prompt in a 128-token context; a model whose card says it was
+    only pretrained is prompted with plain text even though its tokenizer carries a chat template."""
+    from seshu.chat import DEFAULT_CHAT_TEMPLATE
+    from seshu.evaluate.generation_eval import default_max_new_tokens, instruction_tuned
+    from seshu.hub.card import render_card
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    config = build_config("llama", "tiny", vocab_size=len(tokenizer), context_length=128, special_token_ids=ids)
+    out = tmp_path / "pretrained"
+    model = build_model(config, seed=0)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    (out / "README.md").write_text(render_card("m", {"seshu": {"command": "pretrain"}}, "x"), encoding="utf-8")
+
+    assert default_max_new_tokens(model) == 64
+    assert instruction_tuned(str(out), None) is False
+    assert instruction_tuned(str(out), "some-adapter") is None
+    records = tmp_path / "qa.jsonl"
+    records.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n", encoding="utf-8")
+    log = tmp_path / "out.jsonl"
+    result = invoke("--model", str(out), "--task", "qa", "--data", str(records), "--device", "cpu", "--out", str(log))
+    assert result.exit_code == 0, result.output
+    prompt = json.loads(log.read_text(encoding="utf-8"))["prompt"]
+    assert "<|im_start|>" not in prompt and prompt.startswith("Question: Capital of France?")
+    chat = invoke("--model", str(out), "--task", "qa", "--data", str(records), "--device", "cpu", "--chat",
+                  "--max-new-tokens", "4", "--out", str(log))  # fmt: skip
+    assert chat.exit_code == 0, chat.output
+    assert json.loads(log.read_text(encoding="utf-8"))["prompt"].startswith("<|im_start|>user")
