@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 
@@ -18,6 +19,7 @@ app = typer.Typer(
 )
 
 
+@functools.cache  # main() may run many times in one process (the tests): the groups are added once
 def _register() -> None:
     # Imported here so that `seshu --help` stays fast and each group owns its own module.
     from seshu.cli import adapters, client, evaluate, generate, merge, moe, pretrain, quickstart, server, sft, tokenizer

@@ -52,7 +52,9 @@ def train(
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key: --set train.max_steps=200."),
     out: Path = typer.Option(Path("seshu-adapter"), "--out", help="Folder for the adapter."),
     server: str | None = typer.Option(None, "--server", envvar="SESHU_SERVER", help="Fetch the recipe from here."),
-    token: str | None = typer.Option(None, "--token", envvar="SESHU_TOKEN"),
+    token: str | None = typer.Option(
+        None, "--token", envvar="SESHU_TOKEN", help="Your token, to fetch the recipe with --server."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Fine-tune a LoRA adapter on your data, on the pulled release, with the recipe the federation publishes."""
@@ -81,7 +83,7 @@ def submit(
     task: str = typer.Option(..., "--task", help="What the adapter teaches: translation, qa or instruct."),
     language: str = typer.Option(..., "--language", help="Its language, e.g. hi."),
     adapter: Path | None = typer.Option(None, "--adapter", help="The adapter folder to upload."),
-    hub: str | None = typer.Option(None, "--hub", help="Or: REPO[@REVISION] of an adapter on the Hugging Face Hub."),
+    hub: str | None = typer.Option(None, "--hub", help="Or: REPO\\[@REVISION] of an adapter on the Hugging Face Hub."),
     release: int | None = typer.Option(None, "--release", help="The release it was trained on (default: recorded)."),
     examples: int | None = typer.Option(None, "--examples", help="Training examples (default: from its card)."),
     server: str = SERVER,

@@ -86,8 +86,8 @@ def add_client(
 @app.command("start")
 def start(
     folder: Path = DIR,
-    host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8000, "--port"),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 serves other machines too."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
     no_worker: bool = typer.Option(False, "--no-worker", help="Serve only; run workers with `seshu server worker`."),
 ) -> None:
     """Serve the coordinator's API (/api/v1, OpenAPI at /openapi.json) and dashboard (/), with an evaluation

@@ -445,7 +445,7 @@ def _hub_documents(path: str, text_field: str, *, split: str, name: str | None, 
 
 def _load_hub_dataset(path: str, *, split: str, name: str | None, streaming: bool) -> Iterable[Any]:
     if not _DATASET_ID.fullmatch(path) or Path(path).suffix.lower() in (".txt", *_READERS):
-        raise UserError(f"{path}: no such file or folder; check the path in the recipe")
+        raise UserError(f"{path}: no such file or folder; check the path")
     # Imported here: `datasets` takes a second to import and local corpora never need it.
     import datasets
 

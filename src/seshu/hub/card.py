@@ -7,22 +7,33 @@ from typing import Any
 
 import yaml
 
+from seshu import assets
+from seshu.hub.ids import is_hub_id
 from seshu.io import sha256_file
 
 
 def describe_inputs(paths: list[str]) -> list[dict[str, str]]:
-    """Each local input file with its sha256 (folders file by file); anything else is recorded as a Hub id."""
+    """Each local input file with its sha256 (folders file by file, leaving out hidden files and folders as the
+    data readers do; a packaged `seshu:` file under its own name), a Hub id as such, and any other path as
+    given."""
     described: list[dict[str, str]] = []
     for ref in paths:
-        local = Path(ref)
+        local = Path(assets.resolve(ref))
         if local.is_file():
-            described.append({"path": str(local), "sha256": sha256_file(local)})
+            name = ref if ref.startswith(assets.PREFIX) else str(local)
+            described.append({"path": name, "sha256": sha256_file(local)})
         elif local.is_dir():
-            for file in sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            for file in sorted(p for p in local.rglob("*") if p.is_file() and not _hidden(p.relative_to(local))):
                 described.append({"path": str(file), "sha256": sha256_file(file)})
-        else:
+        elif is_hub_id(ref):
             described.append({"hub_id": ref})
+        else:
+            described.append({"path": ref})
     return described
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def describe_model(ref: str) -> list[dict[str, str]]:
