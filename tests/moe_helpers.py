@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from seshu.merge.moe_config import MoEConfig
+from seshu.moe.config import MoEConfig
 
 CORPUS = [
     "the cat sat on the mat and the dog ran in the park.",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,8 +22,9 @@ from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.io import sha256_file
 from seshu.merge.config import MergeConfig, tensor_parameters
-from seshu.merge.engine import merge
-from seshu.merge.methods import merge_tensors
+from seshu.merge.engine import merge, merge_file, resolve_reference
+from seshu.merge.methods import METHODS, merge_tensors
+from seshu.merge.spec import Chunk, MergeMethod, Param, TensorParameters
 
 LLAMA = {
     "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
@@ -149,6 +151,44 @@ def test_matches_mergekit(models: list[Path], tmp_path: Path, method: str) -> No
         assert torch.allclose(ours[name], theirs[name], atol=1e-6, rtol=0), name
 
 
+def _largest(chunk: Chunk, params: TensorParameters, statistics: None) -> torch.Tensor:
+    """At every entry, the task vector of largest magnitude (the first on a tie), times `scale`."""
+    stacked = torch.stack(chunk.inputs)
+    return stacked.gather(0, stacked.abs().argmax(dim=0, keepdim=True))[0] * params.extra["scale"]
+
+
+def test_a_method_added_as_one_registry_entry_merges_end_to_end(
+    models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scale = Param("scale", 1.0, low=0)
+    entry = MergeMethod("largest", "the largest task vector at every entry", _largest, parameters=(scale,))
+    monkeypatch.setitem(METHODS, entry.name, entry)
+    base, one, two = (str(p) for p in models)
+    raw = {"merge_method": "largest", "base_model": base, "models": [{"model": base}, {"model": one}, {"model": two}]}
+    path = tmp_path / "largest.yaml"
+    path.write_text(yaml.safe_dump({**raw, "parameters": {"scale": 0.5}, "dtype": "float32"}), encoding="utf-8")
+    report = merge_file(path, tmp_path / "out")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    states = [load_file(str(p / "model.safetensors")) for p in models]
+    for name, tensor in merged.items():
+        d1, d2 = states[1][name] - states[0][name], states[2][name] - states[0][name]
+        expected = states[0][name] + 0.5 * torch.where(d2.abs() > d1.abs(), d2, d1)
+        assert torch.allclose(tensor, expected, atol=1e-6, rtol=0), name
+    assert report.method == "largest" and report.tensors == len(states[0])
+    assert read_card_metadata(tmp_path / "out" / "README.md")["seshu"]["method"] == "largest"
+    with pytest.raises(ValueError, match=r"scale must be in \[0, inf\], got -1"):
+        MergeConfig.model_validate({**raw, "parameters": {"scale": -1}})
+    with pytest.raises(ValueError, match="largest takes no model parameter 'density'"):
+        MergeConfig.model_validate({**raw, "models": [{"model": one, "parameters": {"density": 0.5}}]})
+
+
+def test_merge_help_names_every_method() -> None:
+    _register()
+    result = CliRunner().invoke(app, ["merge", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert all(re.search(rf"\b{name}\b", result.output) for name in METHODS), result.output
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad input: one line, nothing written
 
@@ -211,6 +251,19 @@ def test_bad_configs_are_one_clear_error(change: dict[str, Any], fragment: str) 
     raw.update(change)
     with pytest.raises(ValueError, match=fragment):
         MergeConfig.model_validate(raw)
+
+
+def test_references_are_folders_or_hub_ids_by_the_one_rule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    fetched: list[str] = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, **_: fetched.append(ref) or str(tmp_path))
+    assert resolve_reference(str(tmp_path)) == tmp_path
+    assert resolve_reference("gpt2") == tmp_path and resolve_reference("org/name") == tmp_path  # as `seshu sft`
+    assert fetched == ["gpt2", "org/name"]
+    for local in ("./missing", "runs/a/b", str(tmp_path / "nothing")):
+        with pytest.raises(UserError, match="no such model folder"):
+            resolve_reference(local)
 
 
 def test_weights_summing_to_zero_with_normalize_are_refused(models: list[Path], tmp_path: Path) -> None:

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from seshu.merge import methods
-from seshu.merge.methods import TensorParameters, merge_tensors, slerp_coefficients
+from seshu.merge.interpolation import slerp_coefficients
+from seshu.merge.methods import merge_tensors
+from seshu.merge.spec import TensorParameters
 
 B = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
 X1 = torch.tensor([[2.0, 2.0, 1.0, 4.5]])  # d1 = [1, 0, -2, 0.5]

@@ -23,9 +23,9 @@ from seshu.cli.moe import app
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.io import sha256_file
-from seshu.merge.moe import assemble_moe, build_moe, fuse_expert_mlp
-from seshu.merge.moe_config import MoEConfig, load_moe_config
-from seshu.merge.moe_router import normalise_rows, random_gates
+from seshu.moe.build import assemble_moe, build_moe, fuse_expert_mlp
+from seshu.moe.config import MoEConfig, load_moe_config
+from seshu.moe.router import normalise_rows, random_gates
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 from seshu.cli.moe import app
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
-from seshu.merge.moe import build_moe
-from seshu.merge.moe_config import load_moe_config
-from seshu.merge.moe_train import IGNORE, RouterTrainConfig, lm_loss, router_loss, token_labels, train_router
+from seshu.moe.build import build_moe
+from seshu.moe.config import load_moe_config
+from seshu.moe.train import IGNORE, RouterTrainConfig, lm_loss, router_loss, token_labels, train_router
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -97,7 +97,7 @@ def test_train_router_raises_held_out_routing_accuracy_and_changes_nothing_else(
     report = train_router(config, tmp_path / "routed")
     before, after = held_out_accuracy(moe, held), held_out_accuracy(tmp_path / "routed", held)
     assert report.accuracy_before == pytest.approx(before) and report.accuracy_after == pytest.approx(after)
-    assert after >= before + 0.3 and after >= 0.75, (before, after)  # measured: 0.32 -> 0.87
+    assert after >= before + 0.3 and after >= 0.75, (before, after)  # measured: 0.32 -> 0.86
 
     old, new = load_file(str(moe / "model.safetensors")), load_file(str(tmp_path / "routed" / "model.safetensors"))
     assert old.keys() == new.keys()

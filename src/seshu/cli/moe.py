@@ -1,11 +1,10 @@
-"""`seshu moe build` and `seshu moe train-router`: argument parsing over `seshu.merge.moe` and
-`seshu.merge.moe_train`."""
+"""`seshu moe build` and `seshu moe train-router`: argument parsing over `seshu.moe.build` and
+`seshu.moe.train`."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -27,8 +26,8 @@ def build(
 ) -> None:
     """Build a Mixtral from a base model and dense experts: each expert's MLP becomes one expert."""
     from seshu.cli.common import quiet_libraries
-    from seshu.merge.moe import MoEAssemblyError, build_moe
-    from seshu.merge.moe_config import load_moe_config
+    from seshu.moe.build import MoEAssemblyError, build_moe
+    from seshu.moe.config import load_moe_config
 
     quiet_libraries()
     moe_config = load_moe_config(config, overrides)
@@ -77,19 +76,15 @@ def train_router(
 ) -> None:
     """Fine-tune only the routers of a MoE on prompts labelled by expert; all other weights stay as they are."""
     from seshu.cli.common import quiet_libraries
-    from seshu.config import read_yaml, validate
-    from seshu.merge.moe_train import RouterTrainConfig
-    from seshu.merge.moe_train import train_router as run
+    from seshu.moe.train import load_router_config
+    from seshu.moe.train import train_router as run
 
     quiet_libraries()
-    raw: dict[str, Any] = read_yaml(config) if config else {}
-    options = dict(
-        model=model, data=data, validation=_number_or_path(validation), steps=steps, lr=lr,
+    settings = load_router_config(
+        config, model=model, data=data, validation=_number_or_path(validation), steps=steps, lr=lr,
         batch_size=batch_size, lm_loss_weight=lm_loss_weight, seed=seed, device=device,
     )  # fmt: skip
-    raw.update({k: v for k, v in options.items() if v is not None})
-    source = str(config) if config else "train-router options"
-    report = run(validate(RouterTrainConfig, raw, source), out, log=None if as_json else _say)
+    report = run(settings, out, log=None if as_json else _say)
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
     else:

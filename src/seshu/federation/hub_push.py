@@ -16,7 +16,7 @@ def push_release(fed: Federation, version: int, repo: str, api: Any = None) -> s
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    from seshu.merge.adapters import first_line
+    from seshu.errors import first_line
 
     with fed.db.read() as session:
         row = session.get(Release, version)

@@ -405,7 +405,7 @@ def fetch_hub_adapter(ref: str, folder: Path, max_bytes: int | None = None) -> s
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError
 
-    from seshu.merge.adapters import first_line
+    from seshu.errors import first_line
 
     repo, _, revision = ref.partition("@")
     if repo.count("/") != 1:

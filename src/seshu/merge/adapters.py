@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from seshu.errors import UserError
+from seshu.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
@@ -200,9 +200,7 @@ def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> Pef
     return peft_model
 
 
-def load_adapter(
-    model: PreTrainedModel, path: str | Path, base: str, *, max_bytes: int | None = None
-) -> PeftModel:
+def load_adapter(model: PreTrainedModel, path: str | Path, base: str, *, max_bytes: int | None = None) -> PeftModel:
     """The adapter folder `path`, read and checked (`read_adapter`), applied to the loaded base `model` (named
     `base` in errors) by `apply_adapter`: unmerged, in eval mode."""
     return apply_adapter(model, read_adapter(path, max_bytes=max_bytes), base)
@@ -243,8 +241,3 @@ def load_with_adapter(
         tokenizer = load_tokenizer(str(files.path))
         check_vocab_fits(tokenizer, embedding_rows(model), str(files.path))
     return LoadedAdapter(model=peft_model, tokenizer=tokenizer, files=files)
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

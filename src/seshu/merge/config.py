@@ -23,17 +23,17 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from seshu.config import StrictModel
 from seshu.errors import UserError
-from seshu.merge.methods import INPUT_DEFAULTS, METHODS, MergeMethod, TensorParameters
+from seshu.merge.methods import METHODS
+from seshu.merge.spec import MergeMethod, Param, Scalar, TensorParameters
 
-Scalar = bool | int | float
 Gradient = Scalar | list[Scalar]
 
 
-class Conditional(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Conditional(StrictModel):
     filter: str | None = None
     value: Gradient
 
@@ -41,22 +41,18 @@ class Conditional(BaseModel):
 Setting = Gradient | Conditional | list[Conditional]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class InputModel(_Strict):
+class InputModel(StrictModel):
     model: str
     parameters: dict[str, Setting] = Field(default_factory=dict)
 
 
-class OutputSection(_Strict):
+class OutputSection(StrictModel):
     kind: Literal["model", "adapter"] = "model"
     rank: int | None = Field(default=None, ge=1, description="rank of a re-factored adapter (kind: adapter)")
     shard_size: str | int = "2GB"
 
 
-class MergeConfig(_Strict):
+class MergeConfig(StrictModel):
     merge_method: str
     models: list[InputModel] = Field(min_length=1)
     base_model: str | None = None
@@ -71,28 +67,33 @@ class MergeConfig(_Strict):
         method = METHODS.get(self.merge_method)
         if method is None:
             raise ValueError(f"unknown merge_method '{self.merge_method}'; choose one of: {', '.join(METHODS)}")
-        if method.uses_base and not self.base_model:
-            raise ValueError(f"{method.name} needs a base_model (it merges the inputs' differences from it)")
+        if method.needs_base and not self.base_model:
+            why = " (it merges the inputs' differences from it)" if method.space == "task_vectors" else ""
+            raise ValueError(f"{method.name} needs a base_model{why}")
         least, most = method.inputs
         count = len(self.inputs())
         if count < least or (most is not None and count > most):
             wanted = f"exactly {least}" if least == most else f"at least {least}"
             raise ValueError(f"{method.name} takes {wanted} model(s) besides base_model, got {count}")
-        global_names = (*method.global_parameters, "seed")
         for key, value in self.parameters.items():
-            if key not in global_names and key not in method.input_parameters:
-                raise ValueError(f"{method.name} has no parameter '{key}' (it takes: {', '.join(global_names)})")
-            if key == "seed" and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ValueError("parameters.seed must be an integer")
-            _check_values(key, value)
+            param = method.parameter(key)
+            if param is None:
+                takes = ", ".join(p.name for p in method.accepted)
+                raise ValueError(f"{method.name} has no parameter '{key}' (it takes: {takes})")
+            _check_setting(param, value)
         for entry in self.models:
             for key, value in entry.parameters.items():
-                if key not in method.input_parameters:
-                    takes = ", ".join(method.input_parameters) or "none"
+                param = method.parameter(key)
+                if param is None or not param.per_input:
+                    takes = ", ".join(p.name for p in method.accepted if p.per_input) or "none"
                     raise ValueError(f"{entry.model}: {method.name} takes no model parameter '{key}' (takes: {takes})")
-                _check_values(key, value)
-        if method.name == "slerp" and "t" not in self.parameters:
-            raise ValueError("slerp needs parameters.t (0 gives base_model, 1 the other model)")
+                _check_setting(param, value)
+        for param in method.accepted:
+            given = param.name in self.parameters or (
+                param.per_input and all(param.name in m.parameters for m in self.inputs())
+            )
+            if param.required and not given:
+                raise ValueError(f"{method.name} needs parameters.{param.name} ({param.help})")
         if self.output.kind == "adapter" and self.output.rank is None:
             raise ValueError("output.kind adapter needs output.rank (the rank of the re-factored adapter)")
         return self
@@ -102,7 +103,7 @@ class MergeConfig(_Strict):
 
     def inputs(self) -> list[InputModel]:
         """The merged inputs: for methods on a base, `models` without an entry that is the base itself."""
-        if not self.method().uses_base:
+        if not self.method().needs_base:
             return list(self.models)
         return [m for m in self.models if m.model != self.base_model]
 
@@ -115,17 +116,16 @@ def _values(setting: Setting) -> list[Scalar]:
     return [setting]
 
 
-def _check_values(key: str, setting: Setting) -> None:
+def _check_setting(param: Param, setting: Setting) -> None:
+    if param.kind == "integer":  # one plain value: no gradient, no filters
+        problem = param.problem(setting) if isinstance(setting, int) else f"parameters.{param.name} must be an integer"
+        if problem:
+            raise ValueError(problem)
+        return
     for value in _values(setting):
-        if key in ("normalize", "rescale"):
-            if not isinstance(value, bool):
-                raise ValueError(f"parameter {key} must be true or false, got {value!r}")
-        elif isinstance(value, bool):
-            raise ValueError(f"parameter {key} must be a number, got {value!r}")
-        elif key == "density" and not 0 < value <= 1:
-            raise ValueError(f"density must be in (0, 1], got {value}")
-        elif key in ("t", "gamma") and not 0 <= value <= 1:
-            raise ValueError(f"{key} must be in [0, 1], got {value}")
+        problem = param.problem(value)
+        if problem:
+            raise ValueError(problem)
 
 
 def evaluate(setting: Setting, tensor: str, t: float) -> Scalar | None:
@@ -163,36 +163,32 @@ def depth(tensor: str, layers: int) -> float:
     return int(match.group(1)) / (layers - 1) if layers > 1 else 1.0
 
 
-def tensor_parameters(config: MergeConfig, tensor: str, layers: int) -> TensorParameters:
-    """Every parameter of the method for one tensor. Raises UserError for a zero divisor with normalize."""
+def tensor_parameters(config: MergeConfig, tensor: str, layers: int, deltas: bool = False) -> TensorParameters:
+    """Every parameter of the method for one tensor (`deltas`: the inputs are task vectors, as adapters are).
+    Raises UserError for parameters the method cannot merge this tensor with (a zero divisor, say)."""
     method = config.method()
     t = depth(tensor, layers)
 
-    def global_value(key: str, default: Any) -> Any:
-        value = evaluate(config.parameters[key], tensor, t) if key in config.parameters else None
-        return default if value is None else value
+    def global_value(param: Param) -> Scalar:
+        value = evaluate(config.parameters[param.name], tensor, t) if param.name in config.parameters else None
+        return param.default if value is None else value
 
-    def per_input(key: str) -> tuple[float, ...]:
-        out = []
-        for entry in config.inputs():
-            own = evaluate(entry.parameters[key], tensor, t) if key in entry.parameters else None
-            out.append(float(own if own is not None else global_value(key, INPUT_DEFAULTS[key])))
-        return tuple(out)
-
-    normalize = bool(global_value("normalize", method.default_normalize))
-    params = TensorParameters(
-        weights=per_input("weight"),
-        densities=per_input("density"),
-        gammas=per_input("gamma"),
-        normalize=normalize,
-        lambda_=float(global_value("lambda", 1.0)),
-        rescale=bool(global_value("rescale", method.default_rescale)),
-        t=float(global_value("t", 0.5)),
-        seed=int(config.parameters.get("seed", 0)),  # type: ignore[arg-type]  # checked to be an int
-    )
-    if normalize and not method.sign_election and method.name != "slerp" and abs(sum(params.weights)) < 1e-8:
-        raise UserError(
-            f"{tensor}: the weights sum to zero, so normalize would divide by zero; change the weights or set "
-            "parameters.normalize: false"
-        )
+    fields: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for param in method.accepted:
+        value: Any
+        if param.per_input:
+            own = [evaluate(m.parameters[param.name], tensor, t) if param.name in m.parameters else None
+                   for m in config.inputs()]  # fmt: skip
+            value = tuple(float(v if v is not None else global_value(param)) for v in own)
+        else:
+            value = param.resolved(global_value(param))
+        if param.field:
+            fields[param.field] = value
+        else:
+            extra[param.name] = value
+    params = TensorParameters(**fields, extra=extra)
+    problem = method.check(params, deltas) if method.check is not None else None
+    if problem:
+        raise UserError(f"{tensor}: {problem}")
     return params

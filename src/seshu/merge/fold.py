@@ -21,10 +21,10 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seshu.chat import encode_prompt
-from seshu.errors import UserError
-from seshu.hub.card import check_replaceable_output, describe_inputs, render_card
+from seshu.errors import UserError, first_line
+from seshu.hub.card import check_replaceable_output, describe_inputs, render_card, usage_snippet
 from seshu.io import sha256_file, staged_dir
-from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, first_line, load_with_adapter
+from seshu.merge.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterFiles, load_with_adapter
 from seshu.models.loading import DTYPES, embedding_rows
 from seshu.models.registry import count_parameters
 
@@ -260,7 +260,6 @@ def _card(
         f"(relative error {check.relative_error:.3g} overall, {check.position_error_p90:.3g} at the 90th percentile "
         f"of positions; tolerance for {dtype}: {check.tolerance:g}). The adapter itself moves the logits by "
         f"{check.adapter_effect:.3g} (relative, 90th percentile).\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
+        f"{usage_snippet()}"
     )
     return render_card(f"{Path(base).name} + {files.path.name}", metadata, body)

@@ -11,14 +11,16 @@ let the routers drift toward whichever mixture happens to predict those prompts 
 vocabulary's logits at every step. Turn it on (0.1 is a start) when the prompts are also text the model
 should predict well.
 
-Training runs in float32 (a 16-bit router loses small AdamW updates to rounding) with AdamW at a constant
-learning rate and no weight decay (decay would shrink the routers and flatten every routing decision). The
-model is written back in the dtype it came in.
+Training is transformers' `Trainer` with this loss (`RouterTrainer`), in float32 (a 16-bit router loses small
+AdamW updates to rounding), with AdamW at a constant learning rate, no weight decay (decay would shrink the
+routers and flatten every routing decision) and no gradient clipping. The model is written back in the dtype
+it came in.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,21 +29,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback
 
-from seshu.errors import UserError
-from seshu.hub.card import check_replaceable_output, describe_inputs, describe_model, render_card, seshu_block
-from seshu.merge.moe import CARD_COMMAND as BUILD_COMMAND
-from seshu.merge.moe import write_model
-from seshu.merge.moe_config import StrictConfig, dtype_name, first_line, load_moe_config
-from seshu.merge.moe_router import encode_prompts, text_start
+from seshu.config import StrictModel, read_yaml, validate
+from seshu.errors import UserError, first_line
+from seshu.hub.card import (
+    check_replaceable_output,
+    describe_inputs,
+    describe_model,
+    render_card,
+    seshu_block,
+    usage_snippet,
+)
 from seshu.models.loading import DTYPES, check_model_dir, default_device, load_causal_lm
+from seshu.moe.build import CARD_COMMAND as BUILD_COMMAND
+from seshu.moe.build import write_model
+from seshu.moe.config import dtype_name, load_moe_config
+from seshu.moe.router import encode_prompts, text_start
 
 CARD_COMMAND = "moe train-router"
 IGNORE = -100
 
 
-class RouterTrainConfig(StrictConfig):
+class RouterTrainConfig(StrictModel):
     model: str
     # Labelled prompts: a .jsonl of {"text": ..., "expert": name or index}, or a MoE YAML (its experts'
     # positive_prompts, each labelled with its expert).
@@ -65,6 +76,14 @@ class RouterTrainConfig(StrictConfig):
         return value
 
 
+def load_router_config(path: Path | None = None, **options: Any) -> RouterTrainConfig:
+    """The train-router settings: the YAML file `path` (if any) with the `options` that are not None over it."""
+    raw: dict[str, Any] = read_yaml(path) if path else {}
+    raw.update({key: value for key, value in options.items() if value is not None})
+    config: RouterTrainConfig = validate(RouterTrainConfig, raw, str(path) if path else "train-router options")
+    return config
+
+
 @dataclass(frozen=True)
 class RouterTrainReport:
     out: Path
@@ -74,7 +93,7 @@ class RouterTrainReport:
     accuracy_before: float  # share of (token, layer) pairs whose top router logit is the labelled expert
     accuracy_after: float
     layer_accuracy_after: list[float]
-    final_loss: float
+    final_loss: float  # mean over the last `log_every` steps (over all steps when fewer were run)
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "out": str(self.out)}
@@ -189,8 +208,8 @@ def is_router(name: str) -> bool:
 # Training
 
 
-class _Batches:
-    """Token ids of labelled prompts, served in seeded shuffled order, epoch after epoch."""
+class LabelledPrompts:
+    """Token ids of labelled prompts; as a dataset its items are row numbers, which `collate` pads into a batch."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, records: list[tuple[str, int]], max_length: int) -> None:
         self.ids = [ids[:max_length] for ids in encode_prompts(tokenizer, [text for text, _ in records])]
@@ -198,25 +217,84 @@ class _Batches:
         self.bos = tokenizer.bos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return token_labels([self.ids[r] for r in rows], [self.experts[r] for r in rows], self.bos, self.pad)
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, row: int) -> int:
+        return row
+
+    def collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        ids = [self.ids[r] for r in rows]
+        input_ids, mask, labels = token_labels(ids, [self.experts[r] for r in rows], self.bos, self.pad)
+        return {"input_ids": input_ids, "attention_mask": mask, "expert_labels": labels}
 
 
-def _forward(model: Any, batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[Any, torch.Tensor]:
-    input_ids, mask, labels = (t.to(device) for t in batch)
-    out = model(input_ids=input_ids, attention_mask=mask, output_router_logits=True, use_cache=False)
-    return out, labels
+class RouterTrainer(Trainer):
+    """A `Trainer` whose loss is `router_loss` against each token's labelled expert, plus `lm_loss_weight` times
+    the language-model loss."""
+
+    def __init__(self, *args: Any, lm_loss_weight: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lm_loss_weight = lm_loss_weight
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> Any:
+        labels = inputs.pop("expert_labels")
+        out = model(**inputs, output_router_logits=True, use_cache=False)
+        loss = router_loss(out.router_logits, labels)
+        if self.lm_loss_weight > 0:
+            loss = loss + self.lm_loss_weight * lm_loss(out.logits, inputs["input_ids"], inputs["attention_mask"])
+        return (loss, out) if return_outputs else loss
+
+
+class _LogLoss(TrainerCallback):
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.say(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}")
 
 
 @torch.no_grad()
-def routing_accuracy(model: Any, data: _Batches, batch_size: int, device: torch.device) -> list[float]:
+def routing_accuracy(model: Any, data: LabelledPrompts, batch_size: int, device: torch.device) -> list[float]:
     """Per layer, the share of labelled tokens whose top router logit is their expert."""
+    model.eval()
     totals: list[list[int]] | None = None
-    for start in range(0, len(data.ids), batch_size):
-        out, labels = _forward(model, data.batch(list(range(start, min(start + batch_size, len(data.ids))))), device)
+    for start in range(0, len(data), batch_size):
+        batch = data.collate(list(range(start, min(start + batch_size, len(data)))))
+        ids, mask, labels = (batch[k].to(device) for k in ("input_ids", "attention_mask", "expert_labels"))
+        out = model(input_ids=ids, attention_mask=mask, output_router_logits=True, use_cache=False)
         counts = layer_accuracy(out.router_logits, labels)
         totals = [[a + c, b + n] for (a, b), (c, n) in zip(totals or [[0, 0]] * len(counts), counts, strict=True)]
     return [hit / max(n, 1) for hit, n in totals or []]
+
+
+def _arguments(config: RouterTrainConfig, work: str, device: str) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=work,
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.lr,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,  # no clipping
+        optim="adamw_torch",
+        logging_steps=config.log_every,
+        save_strategy="no",  # minutes of training, written all or nothing
+        report_to=[],
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device == "cpu",
+        disable_tqdm=True,
+        remove_unused_columns=False,  # the items are row numbers, batched by LabelledPrompts.collate
+        dataloader_num_workers=0,
+    )
 
 
 def train_router(
@@ -245,38 +323,30 @@ def train_router(
     else:
         train, held = split_heldout(records, config.validation, config.seed)
     model, tokenizer = load_causal_lm(config.model, dtype="float32")
-
-    device = torch.device(config.device or default_device())
-    model.to(device)  # type: ignore[arg-type]  # transformers types .to() as dtype-only
     for name, param in model.named_parameters():
         param.requires_grad_(is_router(name))
-    routers = [p for n, p in model.named_parameters() if is_router(n)]
-    optimizer = torch.optim.AdamW(routers, lr=config.lr, weight_decay=0.0)
-    train_data = _Batches(tokenizer, train, config.max_length)
-    eval_data = _Batches(tokenizer, held or train, config.max_length)
-    before = routing_accuracy(model, eval_data, config.batch_size, device)
-    say(f"{len(train)} training prompts, {len(held)} held out; routing accuracy before: {_mean(before):.3f}")
+    train_data = LabelledPrompts(tokenizer, train, config.max_length)
+    eval_data = LabelledPrompts(tokenizer, held or train, config.max_length)
 
-    generator = torch.Generator().manual_seed(config.seed)
-    order: list[int] = []
-    loss_value = float("nan")
-    for step in range(1, config.steps + 1):
-        if len(order) < config.batch_size:
-            order += torch.randperm(len(train_data.ids), generator=generator).tolist()
-        rows, order = order[: config.batch_size], order[config.batch_size :]
-        batch = train_data.batch(rows)
-        out_, labels = _forward(model, batch, device)
-        loss = router_loss(out_.router_logits, labels)
-        if config.lm_loss_weight > 0:
-            loss = loss + config.lm_loss_weight * lm_loss(out_.logits, batch[0].to(device), batch[1].to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_value = float(loss.detach())
-        if step % config.log_every == 0 or step == config.steps:
-            say(f"step {step}/{config.steps}: loss {loss_value:.4f}")
-    after = routing_accuracy(model, eval_data, config.batch_size, device)
+    device = config.device or default_device()
+    with tempfile.TemporaryDirectory(prefix="seshu-router-") as work:
+        trainer = RouterTrainer(
+            model=model,
+            args=_arguments(config, work, device),
+            train_dataset=train_data,
+            data_collator=train_data.collate,
+            callbacks=[_LogLoss(say)],
+            lm_loss_weight=config.lm_loss_weight,
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log; `say` reports instead
+        if trainer.args.device.type != torch.device(device).type:
+            raise UserError(f"device {device} is not available here (training would run on {trainer.args.device})")
+        before = routing_accuracy(model, eval_data, config.batch_size, trainer.args.device)
+        say(f"{len(train)} training prompts, {len(held)} held out; routing accuracy before: {_mean(before):.3f}")
+        result = trainer.train()
+    after = routing_accuracy(model, eval_data, config.batch_size, trainer.args.device)
     say(f"routing accuracy after: {_mean(after):.3f}")
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
     report = RouterTrainReport(
         out=out,
@@ -286,7 +356,7 @@ def train_router(
         accuracy_before=_mean(before),
         accuracy_after=_mean(after),
         layer_accuracy_after=after,
-        final_loss=loss_value,
+        final_loss=float(logged[-1] if logged else result.training_loss),
     )
     for param in model.parameters():
         param.requires_grad_(False)
@@ -320,7 +390,6 @@ def _card(config: RouterTrainConfig, report: RouterTrainReport, meta: dict[str, 
         f"{report.train_prompts} prompts labelled by expert{': ' + ', '.join(names) if names else ''}). Routing "
         f"accuracy on {held}: {report.accuracy_before:.3f} before, {report.accuracy_after:.3f} after (share of "
         "tokens and layers whose top expert is the labelled one). Every other weight is unchanged.\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
+        f"{usage_snippet()}"
     )
     return render_card(f"{Path(config.model).name}, routers trained", metadata, body)

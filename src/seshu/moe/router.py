@@ -14,7 +14,7 @@ Every row is scaled to unit length, so the modes differ in direction only and th
 `cos(gate, x) * |x|`. Means leave out the bos token each prompt starts with: its state is the same whatever
 the prompt, and in trained models it carries outsized activations that would swamp the mean.
 
-The functions here are pure (a model and token ids in, tensors out); `seshu.merge.moe` does the I/O.
+The functions here are pure (a model and token ids in, tensors out); `seshu.moe.build` does the I/O.
 """
 
 from __future__ import annotations

@@ -13,11 +13,11 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from transformers import AutoConfig, MixtralConfig, PretrainedConfig
 
-from seshu.config import apply_overrides, read_yaml, validate
-from seshu.errors import UserError
+from seshu.config import StrictModel, apply_overrides, read_yaml, validate
+from seshu.errors import UserError, first_line
 from seshu.models.loading import DTYPES, check_model_dir
 
 FAMILIES = ("llama", "mistral")
@@ -49,11 +49,7 @@ COPIED_FIELDS = (
 )
 
 
-class StrictConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class ExpertSpec(StrictConfig):
+class ExpertSpec(StrictModel):
     source_model: str
     # How `seshu moe train-router` data and the card name this expert; default: the source folder's name.
     name: str | None = None
@@ -61,7 +57,7 @@ class ExpertSpec(StrictConfig):
     negative_prompts: list[str] = Field(default_factory=list)
 
 
-class MoEConfig(StrictConfig):
+class MoEConfig(StrictModel):
     base_model: str
     experts: list[ExpertSpec]
     gate_mode: Literal["hidden", "cheap_embed", "random"] = "hidden"
@@ -191,8 +187,3 @@ def dtype_name(config: PretrainedConfig) -> str:
     dtype = getattr(config, "dtype", None)
     name = str(dtype).removeprefix("torch.") if dtype is not None else "float32"
     return name if name in DTYPES else "float32"
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

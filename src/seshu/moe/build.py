@@ -3,7 +3,7 @@ one Mixtral model.
 
 The attention, embeddings and norms come from the base (or, with `shared_weights: average`, from the mean of
 the experts); each expert's SwiGLU MLP becomes one expert of every layer, unchanged; each layer's router
-starts from gate vectors computed as `seshu.merge.moe_router` describes. So when the router picks expert i
+starts from gate vectors computed as `seshu.moe.router` describes. So when the router picks expert i
 alone, the MoE block computes exactly expert i's dense MLP: the build checks that for every layer and expert
 before it writes anything.
 
@@ -12,7 +12,7 @@ expert's gate_proj rows, then its up_proj rows) and `mlp.experts.down_proj [E, H
 `mlp.gate.weight [E, H]`; `save_pretrained` writes the per-expert checkpoint layout (`w1`, `w2`, `w3`) that
 every Mixtral loader reads.
 
-The YAML and the checks of the inputs are in `seshu.merge.moe_config`.
+The YAML and the checks of the inputs are in `seshu.moe.config`.
 """
 
 from __future__ import annotations
@@ -33,22 +33,21 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from seshu.errors import UserError
-from seshu.hub.card import check_replaceable_output, describe_model, render_card
+from seshu.errors import UserError, first_line
+from seshu.hub.card import check_replaceable_output, describe_model, render_card, usage_snippet
 from seshu.io import staged_dir
-from seshu.merge import moe_router
-from seshu.merge.moe_config import (
+from seshu.models.loading import DTYPES, check_vocab_fits
+from seshu.models.registry import count_parameters
+from seshu.moe import router as moe_router
+from seshu.moe.config import (
     MoEConfig,
     check_config,
     check_same_architecture,
     dtype_name,
     expert_names,
-    first_line,
     mixtral_config,
     read_source_config,
 )
-from seshu.models.loading import DTYPES, check_vocab_fits
-from seshu.models.registry import count_parameters
 from seshu.tokenizer import load_tokenizer
 
 CARD_COMMAND = "moe build"
@@ -328,7 +327,6 @@ def _card(config: MoEConfig, report: BuildReport) -> str:
         f"the routers start from `{config.gate_mode}` gate vectors.\n\n"
         f"| expert | name | source | positive prompts |\n|---|---|---|---|\n{rows}\n\n"
         f"Check: routed alone, each expert reproduces its dense MLP to {report.expert_check_error:.2g} (relative).\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
+        f"{usage_snippet()}"
     )
     return render_card(f"MoE of {', '.join(names)}", metadata, body)
