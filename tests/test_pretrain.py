@@ -41,7 +41,11 @@ def log_entries(run: Path) -> list[dict[str, Any]]:
 
 def test_pretrain_learns_and_writes_a_plain_hf_model(tmp_path: Path, corpus_files: list[str]) -> None:
     out = tmp_path / "run"
-    result = pretrain.run(make_recipe(out, corpus_files))
+    lines: list[str] = []
+    result = pretrain.run(make_recipe(out, corpus_files), log=lines.append)
+    assert lines[0] == "training a bpe tokenizer (300 tokens) on the training corpus"
+    assert lines[1].startswith(f"model: llama, {result.parameters:,} parameters; 24 steps of 128 tokens")
+    assert [line.split(" |")[0] for line in lines[2:] if "| loss" in line] == [f"step {s}/24" for s in range(4, 25, 4)]
 
     losses = [e["loss"] for e in log_entries(out) if "loss" in e]
     assert losses[-1] < losses[0] - 1.0
@@ -205,3 +209,60 @@ def test_lora_continued_pretraining_writes_an_adapter_that_folds(tmp_path: Path,
 
     with pytest.raises(UserError, match=r"lora: LoRA continued pretraining needs model\.init_from"):
         pretrain.run(make_recipe(tmp_path / "x", corpus_files, lora={"r": 4}))
+
+
+def test_continued_pretraining_refuses_blocks_longer_than_the_models_context(
+    tmp_path: Path, corpus_files: list[str], tiny_tokenizer_dir: Path
+) -> None:
+    base = pretrain.run(make_recipe(tmp_path / "base", corpus_files, tiny_tokenizer_dir, train={"max_steps": 2}))
+    out = tmp_path / "longer"
+    recipe = make_recipe(out, corpus_files, model={"init_from": str(base.output_dir)}, train={"seq_len": 48})
+    with pytest.raises(
+        UserError, match=r"train\.seq_len: blocks of 48 tokens are longer than .*base's context of 32 tokens"
+    ):
+        pretrain.run(recipe)
+    assert not out.exists()
+
+
+def test_a_plot_that_cannot_be_drawn_leaves_a_finished_run_finished(
+    tmp_path: Path, corpus_files: list[str], tiny_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    import seshu.evaluate.plot
+    from seshu.cli.pretrain import pretrain as pretrain_command
+
+    def broken(*args: Any) -> None:
+        raise RuntimeError("no display and no Agg either")
+
+    monkeypatch.setattr(seshu.evaluate.plot, "plot_run", broken)
+    out = tmp_path / "run"
+    config = tmp_path / "recipe.yaml"
+    recipe = make_recipe(out, corpus_files, tiny_tokenizer_dir, train={"max_steps": 2})
+    config.write_text(json.dumps(recipe.model_dump(mode="json")), encoding="utf-8")
+    pretrain_command(config=config, overrides=[], out=None, resume=False)  # returns: exit code 0
+    printed = capsys.readouterr().out.splitlines()
+    assert "warning: no training plot (no display and no Agg either); the model is written" in printed
+    assert printed[-1].startswith("done: 2 steps") and (out / "model.safetensors").is_file()
+    assert not (out / "training.png").exists()
+
+
+def test_mlflow_tracks_into_the_run_folder(
+    tmp_path: Path, corpus_files: list[str], tiny_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("mlflow")
+    import sqlite3
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("HF_MLFLOW_LOG_ARTIFACTS", "1")  # transformers' callback then uploads the checkpoints
+    started = tmp_path / "cwd"
+    started.mkdir()
+    monkeypatch.chdir(started)
+    out = tmp_path / "run"
+    track = {"report_to": "mlflow", "experiment": "tiny"}
+    pretrain.run(make_recipe(out, corpus_files, tiny_tokenizer_dir, track=track, train={"max_steps": 4}))
+    assert not list(started.iterdir()), "nothing (no ./mlruns) where the command was started"
+    with sqlite3.connect(out / "mlflow.db") as db:
+        (location,) = db.execute("select artifact_location from experiments where name = 'tiny'").fetchone()
+        metrics = {name for (name,) in db.execute("select distinct key from metrics")}
+    assert location == (out / "mlflow-artifacts").resolve().as_uri()
+    assert {"loss", "eval_loss"} <= metrics
+    assert list((out / "mlflow-artifacts").rglob("model.safetensors")), "the checkpoint went into the run folder"

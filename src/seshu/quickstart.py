@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from seshu.generate import SamplingOptions, generate_text
 from seshu.models.loading import load_causal_lm
 from seshu.tokenizer import save_tokenizer, stats_report, tokenizer_stats, train_tokenizer
 from seshu.train import pretrain
+from seshu.train.common import silent
 
 RECIPE = assets.ROOT / "recipes" / "quickstart.yaml"
 PROMPTS = ("The farmers of the village", "गाँव के लोग")
@@ -63,41 +65,39 @@ def train_quickstart_tokenizer(
     return tokenizer, recipe
 
 
-def run(workdir: Path, *, max_steps: int | None = None) -> QuickstartResult:
-    """Run the quickstart in `workdir` (its `tokenizer/` and `model/` are replaced on each run)."""
+def run(workdir: Path, *, max_steps: int | None = None, log: Callable[[str], None] = silent) -> QuickstartResult:
+    """Run the quickstart in `workdir` (its `tokenizer/` and `model/` are replaced on each run); each stage, the
+    training progress and the samples go to `log`, one line at a time."""
     recipe = quickstart_recipe(workdir, max_steps)
     tokenizer_dir = workdir / "tokenizer"
     for owned in (tokenizer_dir, Path(recipe.output_dir)):
         shutil.rmtree(owned, ignore_errors=True)
 
     spec = recipe.tokenizer.train
-    print(f"[1/5] training a {spec.kind} tokenizer with {spec.vocab_size} tokens", flush=True)
+    log(f"[1/5] training a {spec.kind} tokenizer with {spec.vocab_size} tokens")
     tokenizer, recipe = train_quickstart_tokenizer(recipe, tokenizer_dir)
     validation = list(validation_documents(recipe.data, seed=recipe.train.seed))
     for script, row in stats_report(tokenizer_stats(tokenizer, validation))["by_script"].items():
-        print(f"      {script}: {row['fertility']:.2f} tokens per word, {row['bytes_per_token']:.2f} bytes per token")
+        log(f"      {script}: {row['fertility']:.2f} tokens per word, {row['bytes_per_token']:.2f} bytes per token")
 
-    print(f"[2/5] perplexity of the untrained model on {len(validation)} held-out documents", flush=True)
+    log(f"[2/5] perplexity of the untrained model on {len(validation)} held-out documents")
     untrained = pretrain.prepare_model(recipe, tokenizer)
     assert isinstance(untrained, PreTrainedModel)  # a fresh model: the quickstart recipe has no LoRA
     before = sum_totals(evaluate_perplexity(untrained, tokenizer, validation)).perplexity
-    print(f"      {before:.1f}", flush=True)
+    log(f"      {before:.1f}")
 
-    print(f"[3/5] pretraining for {recipe.train.max_steps} steps", flush=True)
-    result = pretrain.run(recipe)
+    log(f"[3/5] pretraining for {recipe.train.max_steps} steps")
+    result = pretrain.run(recipe, log=log)
 
-    print("[4/5] perplexity of the trained model", flush=True)
+    log("[4/5] perplexity of the trained model")
     model, trained_tokenizer = load_causal_lm(str(result.output_dir))
     after = sum_totals(evaluate_perplexity(model, trained_tokenizer, validation)).perplexity
-    print(f"      {after:.1f} ({before / after:.0f}x lower)", flush=True)
+    log(f"      {after:.1f} ({before / after:.0f}x lower)")
 
-    print("[5/5] samples", flush=True)
+    log("[5/5] samples")
     options = SamplingOptions(max_new_tokens=40, temperature=0.7, seed=recipe.train.seed)
     samples: dict[str, str] = {}
     for prompt in PROMPTS:
-        print(f"      {prompt}", end="", flush=True)
-        samples[prompt] = generate_text(
-            model, trained_tokenizer, prompt, options, on_text=lambda piece: print(piece, end="", flush=True)
-        )
-        print(flush=True)
+        samples[prompt] = generate_text(model, trained_tokenizer, prompt, options)
+        log(f"      {prompt}{samples[prompt]}")
     return QuickstartResult(workdir, tokenizer_dir, result.output_dir, before, after, samples)

@@ -25,7 +25,7 @@ def pretrain(
 
     quiet_libraries()
     recipe = load_recipe(PretrainRecipe, config, recipe_overrides(overrides, out))
-    result = run(recipe, resume=resume)
+    result = run(recipe, resume=resume, log=typer.echo)
     ppl = result.metrics.get("eval_perplexity")
     summary = f"validation perplexity {ppl:.2f}; " if ppl is not None else ""
     typer.echo(f"done: {result.steps} steps, {summary}model written to {result.output_dir}")

@@ -34,7 +34,7 @@ def quickstart(
         return
     from seshu.quickstart import run
 
-    result = run(workdir or Path("seshu-quickstart"), max_steps=max_steps)
+    result = run(workdir or Path("seshu-quickstart"), max_steps=max_steps, log=typer.echo)
     typer.echo(
         f"\nperplexity {result.perplexity_before:.1f} -> {result.perplexity_after:.1f}\n"
         f"tokenizer:  {result.tokenizer_dir}\n"

@@ -24,7 +24,8 @@ def sft(
     from seshu.train.sft import run
 
     quiet_libraries()
-    result = run(load_recipe(SFTRecipe, config, recipe_overrides(overrides, out)), resume=resume)
+    recipe = load_recipe(SFTRecipe, config, recipe_overrides(overrides, out))
+    result = run(recipe, resume=resume, log=typer.echo)
     loss = result.metrics.get("eval_loss")
     summary = f"answer-only validation loss {loss:.4f}; " if loss is not None else ""
     typer.echo(f"done: {result.steps} steps, {summary}written to {result.output_dir}")

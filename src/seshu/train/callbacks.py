@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
@@ -62,7 +63,7 @@ class RunLogCallback(TrainerCallback):
         if "loss" in logs and self._last is not None:
             now = time.perf_counter()
             steps = state.global_step - self._last[1]
-            if steps > 0:
+            if steps > 0 and now > self._last[0]:
                 entry["tokens_per_second"] = steps * self.tokens_per_step / (now - self._last[0])
             self._last = (now, state.global_step)
         if "eval_loss" in logs:
@@ -72,11 +73,11 @@ class RunLogCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """One line per logging step: loss, validation perplexity, tokens/s and time left."""
+    """One line per logging step, given to `log`: loss, validation perplexity, tokens/s and time left."""
 
-    def __init__(self, tokens_per_step: int, stream: TextIO | None = None) -> None:
+    def __init__(self, tokens_per_step: int, log: Callable[[str], None]) -> None:
         self.tokens_per_step = tokens_per_step
-        self.stream = stream
+        self.log = log
         self._start: tuple[float, int] | None = None
         self._val_ppl: float | None = None
 
@@ -110,4 +111,4 @@ class ProgressCallback(TrainerCallback):
         if rate:
             parts.append(f"{rate * self.tokens_per_step:,.0f} tok/s")
             parts.append(f"ETA {format_duration((state.max_steps - state.global_step) / rate)}")
-        print(" | ".join(parts), file=self.stream, flush=True)
+        self.log(" | ".join(parts))

@@ -1,4 +1,5 @@
-"""What pretraining and fine-tuning share: run-folder checks, Trainer arguments, tracking, publishing."""
+"""The steps pretraining and fine-tuning share: run-folder checks, Trainer arguments, tracking, resumable
+training, publishing. `seshu.train.run` puts them in order."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -23,6 +24,11 @@ from seshu.models.loading import default_device
 from seshu.train.callbacks import ProgressCallback, RunLogCallback, perplexity
 
 CHECKPOINTS = "checkpoints"
+MLFLOW_ARTIFACTS = "mlflow-artifacts"
+
+
+def silent(line: str) -> None:
+    """The default `log`: library code reports only to a caller that listens (the CLI prints)."""
 
 
 class LanguageModelLossMixin:
@@ -121,10 +127,19 @@ def training_arguments(train: TrainSection, track: TrackSection, out: Path, has_
     )
 
 
-def run_callbacks(out: Path, train: TrainSection, extra: list[TrainerCallback] | None) -> list[TrainerCallback]:
-    """The run log and progress line, then any callbacks the caller adds."""
+def model_context(config: PretrainedConfig) -> int | None:
+    """The positions a model was built for (`max_position_embeddings`), or None when it has no such limit
+    (Mamba)."""
+    context = getattr(config, "max_position_embeddings", None)
+    return context if isinstance(context, int) else None
+
+
+def run_callbacks(
+    out: Path, train: TrainSection, extra: list[TrainerCallback] | None, log: Callable[[str], None] = silent
+) -> list[TrainerCallback]:
+    """The run log and the progress line (given to `log`), then any callbacks the caller adds."""
     per_step = tokens_per_step(train)
-    return [RunLogCallback(out, per_step), ProgressCallback(per_step), *(extra or [])]
+    return [RunLogCallback(out, per_step), ProgressCallback(per_step, log), *(extra or [])]
 
 
 @contextlib.contextmanager
@@ -135,9 +150,10 @@ def tracking_env(track: TrackSection, out: Path) -> Iterator[None]:
     """
     wanted: dict[str, str] = {}
     if track.report_to == "mlflow":
-        uri = (
-            track.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        )
+        chosen = track.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        uri = chosen or f"sqlite:///{(out / 'mlflow.db').resolve()}"
+        if not chosen:
+            _create_local_experiment(uri, track.experiment, out / MLFLOW_ARTIFACTS)
         wanted = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": track.experiment}
     elif track.report_to == "tensorboard":
         wanted = {"TENSORBOARD_LOGGING_DIR": str(out / "tensorboard")}
@@ -153,7 +169,17 @@ def tracking_env(track: TrackSection, out: Path) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def train_resumably(trainer: Trainer, out: Path, resume: bool) -> None:
+def _create_local_experiment(uri: str, name: str, artifacts: Path) -> None:
+    """Create the experiment in the run folder's own store with its artifacts beside it: left to mlflow, a new
+    experiment's artifacts go to ./mlruns under whatever folder the command was started from."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name, artifact_location=artifacts.resolve().as_uri())
+
+
+def train_resumably(trainer: Trainer, out: Path, resume: bool, log: Callable[[str], None] = silent) -> None:
     """Train from the last checkpoint when resuming (from scratch when there is none yet)."""
     trainer.remove_callback(PrinterCallback)
     checkpoint = get_last_checkpoint(str(out / CHECKPOINTS)) if resume and (out / CHECKPOINTS).is_dir() else None
@@ -165,7 +191,7 @@ def train_resumably(trainer: Trainer, out: Path, resume: bool) -> None:
                 "raise train.max_steps to train further"
             )
     if resume:
-        print(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting afresh", flush=True)
+        log(f"resuming from {checkpoint}" if checkpoint else "no checkpoint yet: starting afresh")
     trainer.train(resume_from_checkpoint=checkpoint)
 
 
@@ -179,8 +205,7 @@ def final_metrics(trainer: Trainer, has_eval: bool) -> dict[str, float]:
 
 
 def publish(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, card: str, out: Path) -> None:
-    """Write the trained model (or adapter), its tokenizer and card into `out`, each file by atomic rename,
-    and plot the run."""
+    """Write the trained model (or adapter), its tokenizer and card into `out`, each file by atomic rename."""
     if not trainer.is_world_process_zero():
         return
     staging = out / ".final.partial"
@@ -191,11 +216,9 @@ def publish(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, card: str, out
     tokenizer.save_pretrained(str(staging))
     (staging / "README.md").write_text(card, encoding="utf-8")
     publish_files(staging, out)
-    from seshu.evaluate.plot import plot_run
-
-    plot_run(out)
 
 
 def remove_if_created(out: Path, created: bool) -> None:
+    """Undo a run folder this run made, when the run fails before training (nothing half-written is left)."""
     if created:
         shutil.rmtree(out, ignore_errors=True)

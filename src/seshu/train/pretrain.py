@@ -6,36 +6,26 @@ checkpoints resume exactly); Seshu adds the recipe, the data pipeline, progress,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from seshu.config import PretrainRecipe, dump_recipe
+from seshu.config import PretrainRecipe
 from seshu.data.pipeline import build_block_datasets, training_documents
 from seshu.errors import UserError
-from seshu.hub.card import describe_inputs, describe_model, render_card
-from seshu.io import write_text_atomic
+from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
 from seshu.models.registry import build_config, build_model, check_overrides, count_parameters, get_preset_arch
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from seshu.train.common import (
-    LanguageModelLossMixin,
-    check_environment,
-    check_output_dir,
-    final_metrics,
-    publish,
-    remove_if_created,
-    run_callbacks,
-    tokens_per_step,
-    tracking_env,
-    train_resumably,
-    training_arguments,
-)
+from seshu.train.common import LanguageModelLossMixin, model_context, silent, tokens_per_step
 from seshu.train.lora import apply_lora
+from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -58,7 +48,9 @@ class CausalLMTrainer(LanguageModelLossMixin, Trainer):
     """transformers' Trainer, validating on the language-modelling loss alone."""
 
 
-def _prepare_tokenizer(recipe: PretrainRecipe, out: Path) -> tuple[PreTrainedTokenizerBase, bool]:
+def _prepare_tokenizer(
+    recipe: PretrainRecipe, out: Path, log: Callable[[str], None]
+) -> tuple[PreTrainedTokenizerBase, bool]:
     """The recipe's tokenizer, the init model's, one trained earlier in this run, or a new one (True)."""
     if recipe.tokenizer.path:
         return load_tokenizer(recipe.tokenizer.path), False
@@ -67,7 +59,7 @@ def _prepare_tokenizer(recipe: PretrainRecipe, out: Path) -> tuple[PreTrainedTok
     if (out / TOKENIZER_DIR / "tokenizer.json").is_file():  # resuming a run that trained its own
         return load_tokenizer(str(out / TOKENIZER_DIR)), False
     spec = recipe.tokenizer.train
-    print(f"training a {spec.kind} tokenizer ({spec.vocab_size} tokens) on the training corpus", flush=True)
+    log(f"training a {spec.kind} tokenizer ({spec.vocab_size} tokens) on the training corpus")
     docs = training_documents(recipe.data, seed=recipe.train.seed)
     tokenizer = train_tokenizer(
         docs,
@@ -85,6 +77,7 @@ def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) ->
     if recipe.model.init_from:
         model, _ = load_causal_lm(recipe.model.init_from, dtype="float32")
         check_vocab_fits(tokenizer, embedding_rows(model), recipe.model.init_from)
+        check_block_fits(recipe.train.seq_len, model, recipe.model.init_from)
         return apply_lora(model, recipe.lora, "lora") if recipe.lora else model
     config = build_config(
         recipe.model.arch,
@@ -95,6 +88,17 @@ def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) ->
         overrides=recipe.model.overrides,
     )
     return build_model(config, seed=recipe.train.seed)
+
+
+def check_block_fits(seq_len: int, model: PreTrainedModel, ref: str) -> None:
+    """Every packed block is `seq_len` tokens long: a model continued past its context trains on positions it
+    has no embedding for (learned positions fail mid-run) or never saw (RoPE)."""
+    context = model_context(model.config)
+    if context is not None and seq_len > context:
+        raise UserError(
+            f"train.seq_len: blocks of {seq_len} tokens are longer than {ref}'s context of {context} tokens "
+            f"(max_position_embeddings); set train.seq_len to {context} or less"
+        )
 
 
 def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: dict[str, float], steps: int) -> str:
@@ -123,61 +127,63 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
         f"{'continued from ' + recipe.model.init_from if recipe.model.init_from else 'trained from scratch'} "
         f"with Seshu for {steps} steps ({tokens:,} tokens per device)."
         + (f" Validation perplexity: {ppl:.2f}." if ppl is not None else "")
-        + "\n\n```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n```\n"
+        + "\n\n"
+        + usage_snippet()
     )
     return render_card(f"{Path(recipe.output_dir).name}", metadata, body)
 
 
 def run(
-    recipe: PretrainRecipe, *, resume: bool = False, callbacks: list[TrainerCallback] | None = None
+    recipe: PretrainRecipe,
+    *,
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    log: Callable[[str], None] = silent,
 ) -> PretrainResult:
     """Pretrain as the recipe says; returns where the model went and its final validation metrics.
 
-    `callbacks` are added to the Trainer's own (for tracking or control beyond what the recipe offers).
+    `callbacks` are added to the Trainer's own (for tracking or control beyond what the recipe offers); progress
+    goes to `log`, one line at a time.
     """
     out = Path(recipe.output_dir)
-    check_output_dir(out, resume)
-    check_environment(recipe.train, recipe.track)
+    check_run(recipe, resume)
     if recipe.lora and not recipe.model.init_from:
         raise UserError("lora: LoRA continued pretraining needs model.init_from, the model to adapt")
     if not recipe.model.init_from:  # checked before minutes of tokenizer training
         check_overrides(get_preset_arch(recipe.model.arch, recipe.model.preset), recipe.model.overrides)
-    tokenizer, trained_tokenizer = _prepare_tokenizer(recipe, out)
+    tokenizer, trained_tokenizer = _prepare_tokenizer(recipe, out, log)
     if not recipe.model.init_from:
         tokenizer.model_max_length = recipe.train.seq_len  # the context the new model is trained for
     model = prepare_model(recipe, tokenizer)
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        train_ds, eval_ds = build_block_datasets(
+    def build_datasets(out: Path) -> tuple[TrainData, datasets.Dataset]:
+        blocks = build_block_datasets(
             recipe.data, tokenizer, recipe.train.seq_len, recipe.train.seed, out / "data-cache"
         )
         if trained_tokenizer:
             save_tokenizer(tokenizer, out / TOKENIZER_DIR)
-    except BaseException:
-        remove_if_created(out, created)
-        raise
-    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+        return blocks
 
-    print(
-        f"model: {model.config.model_type}, {count_parameters(model):,} parameters; "
-        f"{recipe.train.max_steps} steps of {tokens_per_step(recipe.train):,} tokens",
-        flush=True,
-    )
-    has_eval = len(eval_ds) > 0
-    with tracking_env(recipe.track, out):
-        trainer = CausalLMTrainer(
+    def make_trainer(
+        args: dict[str, Any], train: TrainData, validation: datasets.Dataset, hooks: list[TrainerCallback]
+    ) -> Trainer:
+        return CausalLMTrainer(
             model=model,
-            args=TrainingArguments(**training_arguments(recipe.train, recipe.track, out, has_eval)),
+            args=TrainingArguments(**args),
             data_collator=collate_blocks,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            callbacks=run_callbacks(out, recipe.train, callbacks),
+            train_dataset=train,
+            eval_dataset=validation,
+            callbacks=hooks,
         )
-        train_resumably(trainer, out, resume)
-        metrics = final_metrics(trainer, has_eval)
-    steps = trainer.state.global_step
-    publish(trainer, tokenizer, _card(recipe, model, metrics, steps), out)
-    return PretrainResult(output_dir=out, metrics=metrics, parameters=count_parameters(model), steps=steps)
+
+    def card(done: Finished) -> str:
+        return _card(recipe, model, done.metrics, done.steps)
+
+    parameters = count_parameters(model)
+    describe = (
+        f"model: {model.config.model_type}, {parameters:,} parameters; "
+        f"{recipe.train.max_steps} steps of {tokens_per_step(recipe.train):,} tokens"
+    )
+    job = Job(tokenizer, build_datasets, lambda *_: describe, make_trainer, card)
+    done = run_job(recipe, job, resume=resume, callbacks=callbacks, log=log)
+    return PretrainResult(output_dir=done.output_dir, metrics=done.metrics, parameters=parameters, steps=done.steps)

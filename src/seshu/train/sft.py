@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -19,33 +19,31 @@ from typing import Any
 import datasets
 import torch
 from peft import PeftModel, prepare_model_for_kbit_training
-from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+)
 from trl import SFTConfig, SFTTrainer
 
 from seshu.chat import CHAT_TOKENS
-from seshu.config import SFTRecipe, SourceEntry, dump_recipe
+from seshu.config import SFTRecipe, SourceEntry
 from seshu.data.instructions import InstructionStats, read_conversations, tokenize_conversation
 from seshu.data.mixing import is_validation
 from seshu.data.pipeline import source_state, tokenizer_state
-from seshu.errors import UserError
-from seshu.hub.card import describe_inputs, describe_model, render_card
-from seshu.io import write_text_atomic
+from seshu.errors import UserError, first_line
+from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
-from seshu.models.registry import ARCHS, arch_of
+from seshu.models.registry import ARCHS, arch_of, count_parameters
 from seshu.tokenizer import load_tokenizer
-from seshu.train.common import (
-    LanguageModelLossMixin,
-    check_environment,
-    check_output_dir,
-    final_metrics,
-    publish,
-    remove_if_created,
-    run_callbacks,
-    tracking_env,
-    train_resumably,
-    training_arguments,
-)
+from seshu.train.common import LanguageModelLossMixin, model_context, silent
 from seshu.train.lora import apply_lora
+from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 ROW_FEATURES = datasets.Features(
     {"input_ids": datasets.List(datasets.Value("int32")), "assistant_masks": datasets.List(datasets.Value("int8"))}
@@ -79,12 +77,15 @@ def _conversations(recipe: SFTRecipe, entries: list[SourceEntry], stats: Instruc
         )
 
 
-def _rows(recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, split: str) -> Iterator[dict[str, list[int]]]:
-    """Tokenized conversations of one split; conversations whose answers were cut off entirely are dropped."""
+def _rows(
+    recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, split: str, stats: InstructionStats
+) -> Iterator[dict[str, list[int]]]:
+    """Tokenized conversations of one split; conversations whose answers were cut off entirely are dropped.
+    What the records held (and any skipped) is counted in `stats`."""
     data, seed = recipe.data, recipe.train.seed
     held_out = data.validation if isinstance(data.validation, float) else None
     entries = data.train_sources() if held_out is not None or split == "train" else data.validation_sources()
-    conversations: Iterator[list[dict]] = _conversations(recipe, entries, InstructionStats())
+    conversations: Iterator[list[dict]] = _conversations(recipe, entries, stats)
     if held_out is not None:
         want = split == "validation"
         conversations = (
@@ -124,21 +125,24 @@ def answer_tokens(ds: datasets.Dataset) -> int:
 
 
 def build_datasets(
-    recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, cache_dir: Path
+    recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, cache_dir: Path, log: Callable[[str], None] = silent
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Train and validation rows (`input_ids`, `assistant_masks`), written once to Arrow and memory-mapped."""
+    """Train and validation rows (`input_ids`, `assistant_masks`), written once to Arrow and memory-mapped.
+    What the records held, and how many were skipped and why, goes to `log`."""
     # Read the first few records now: a bad path, format or record is reported before anything is written.
     for _ in islice(_conversations(recipe, recipe.data.train_sources(), InstructionStats()), 8):
         pass
     splits = []
     for split in ("train", "validation"):
+        stats = InstructionStats()
+        fingerprint = _fingerprint(recipe, tokenizer, split)
         try:
             ds = datasets.Dataset.from_generator(
                 _rows,
                 features=ROW_FEATURES,
                 cache_dir=str(cache_dir),
-                gen_kwargs={"recipe": recipe, "tokenizer": tokenizer, "split": split},
-                fingerprint=_fingerprint(recipe, tokenizer, split),
+                gen_kwargs={"recipe": recipe, "tokenizer": tokenizer, "split": split, "stats": stats},
+                fingerprint=fingerprint,
             )
         except datasets.exceptions.DatasetGenerationError as exc:
             if isinstance(exc.__cause__, UserError):
@@ -153,8 +157,38 @@ def build_datasets(
                 f"data: the {split} split has no conversation with an answer within train.seq_len="
                 f"{recipe.train.seq_len} tokens; add records or raise train.seq_len"
             )
+        # A held-out fraction is read in the train pass already; separate validation files in their own.
+        if split == "train" or recipe.data.validation_sources():
+            log(f"{split} data: {_read_summary(stats, cache_dir / f'{fingerprint}.summary')}")
         splits.append(ds)
     return splits[0], splits[1]
+
+
+def _read_summary(stats: InstructionStats, saved: Path) -> str:
+    """This pass's summary of the records, kept beside the cached rows: a resumed run reads no record again."""
+    if stats.records:
+        saved.write_text(stats.summary(), encoding="utf-8")
+        return stats.summary()
+    return saved.read_text(encoding="utf-8") if saved.is_file() else "tokenized earlier (cached)"
+
+
+def check_rows_fit(config: PretrainedConfig, ref: str, *splits: datasets.Dataset) -> None:
+    """A conversation longer than the base model's context trains on positions it has no embedding for (learned
+    positions fail mid-run) or never saw (RoPE). Only real rows count: a generous train.seq_len is harmless when
+    every conversation is shorter than the context."""
+    import pyarrow.compute as pc
+
+    context = model_context(config)
+    if context is None:
+        return
+    lengths = [pc.list_value_length(ds.with_format("arrow")["input_ids"]) for ds in splits]
+    longer = sum(pc.sum(pc.greater(length, context)).as_py() or 0 for length in lengths)
+    if longer:
+        longest = max(pc.max(length).as_py() for length in lengths)
+        raise UserError(
+            f"train.seq_len: {longer} conversations (up to {longest} tokens) are longer than {ref}'s context of "
+            f"{context} tokens (max_position_embeddings); set train.seq_len to {context} or less"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,23 +223,22 @@ def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
             use_safetensors=True,
         )
     except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: cannot load the model in 4 bits: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"{path}: cannot load the model in 4 bits: {first_line(exc)}") from None
     if default_device() == "cpu":
-        _check_cpu_4bit_widths(model, path)
+        _keep_cpu_4bit_trainable(model)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
 
 
-def _check_cpu_4bit_widths(model: PreTrainedModel, path: str) -> None:
-    """bitsandbytes' CPU 4-bit kernels pack weights in blocks of 32 output rows and assert on any other width,
-    mid-training; say so before training starts instead."""
+def _keep_cpu_4bit_trainable(model: PreTrainedModel) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight for its inference kernel at the first
+    forward pass in eval mode without gradients (an evaluation), for good. That kernel has no backward, so every
+    training step after the first evaluation would stop the gradient at each quantized layer, and its packing
+    asserts on widths that are not multiples of 32. Keep the training layout, which takes any width."""
     import bitsandbytes as bnb
 
-    for name, module in model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit) and module.out_features % 32:
-            raise UserError(
-                f"sft.method: qlora on a CPU needs layer widths that are multiples of 32, but {path}'s {name} has "
-                f"{module.out_features}; use sft.method: lora here, or qlora on a GPU"
-            )
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def prepare_model(
@@ -276,67 +309,74 @@ def _card(recipe: SFTRecipe, result: SFTResult) -> str:
         + (f" Answer-only validation loss: {loss:.4f}." if loss is not None else "")
     )
     if recipe.sft.method != "full":
-        body += (
-            "\n\n```python\nfrom peft import PeftModel\nfrom transformers import AutoModelForCausalLM\n"
-            f"model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), PATH)\n```\n"
-        )
+        body += "\n\n" + usage_snippet(base=base)
     return render_card(Path(recipe.output_dir).name, metadata, body)
 
 
-def run(recipe: SFTRecipe, *, resume: bool = False, callbacks: list[Any] | None = None) -> SFTResult:
-    """Fine-tune as the recipe says; returns where the adapter (or model) went and its validation metrics."""
-    if not recipe.model.init_from:
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """Trainable and total parameters. peft's count unpacks 4-bit weights (bitsandbytes stores two per byte, so
+    `numel()` alone undercounts a QLoRA base by half or more)."""
+    if isinstance(model, PeftModel):
+        trainable, total = model.get_nb_trainable_parameters()
+        return int(trainable), int(total)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), count_parameters(model)
+
+
+def run(
+    recipe: SFTRecipe,
+    *,
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    log: Callable[[str], None] = silent,
+) -> SFTResult:
+    """Fine-tune as the recipe says; returns where the adapter (or model) went and its validation metrics.
+    Progress, and a summary of the records read (and any skipped), goes to `log`, one line at a time."""
+    base_ref = recipe.model.init_from
+    if not base_ref:
         raise UserError("model.init_from: name the base model to fine-tune (a local directory or an HF id)")
-    out = Path(recipe.output_dir)
-    check_output_dir(out, resume)
-    check_environment(recipe.train, recipe.track)
+    check_run(recipe, resume)
     if recipe.sft.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError("sft.method: qlora needs bitsandbytes (pip install --no-deps bitsandbytes)")
-    check_model_dir(recipe.model.init_from)
+    check_model_dir(base_ref)
     tokenizer, tokens_added = _load_tokenizer(recipe)
     model = prepare_model(recipe, tokenizer, tokens_added)
+    trainable, total = parameter_counts(model)
 
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        train_ds, eval_ds = build_datasets(recipe, tokenizer, out / "data-cache")
-    except BaseException:
-        remove_if_created(out, created)
-        raise
-    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+    def build(out: Path) -> tuple[TrainData, datasets.Dataset]:
+        train, validation = build_datasets(recipe, tokenizer, out / "data-cache", log)
+        check_rows_fit(model.config, base_ref, train, validation)
+        return train, validation
 
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(
-        f"{recipe.sft.method}: {trainable:,} of {total:,} parameters train; "
-        f"{len(train_ds):,} conversations, {len(eval_ds):,} for validation",
-        flush=True,
-    )
-    args = SFTConfig(
-        **training_arguments(recipe.train, recipe.track, out, has_eval=True),
-        max_length=recipe.train.seq_len,
-        packing=recipe.sft.packing,
-        dataset_num_proc=None,
-    )
-    with tracking_env(recipe.track, out):
-        trainer = SeshuSFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=eval_ds,
-            processing_class=tokenizer,
-            callbacks=run_callbacks(out, recipe.train, callbacks),
+    def describe(train: TrainData, validation: datasets.Dataset) -> str:
+        return (
+            f"{recipe.sft.method}: {trainable:,} of {total:,} parameters train; "
+            f"{len(train):,} conversations, {len(validation):,} for validation"
         )
-        train_resumably(trainer, out, resume)
-        metrics = final_metrics(trainer, has_eval=True)
-    result = SFTResult(
-        output_dir=out,
-        metrics=metrics,
-        trainable_parameters=trainable,
-        total_parameters=total,
-        steps=trainer.state.global_step,
-        examples=len(train_ds),
-        answer_tokens=answer_tokens(train_ds),
-    )
-    publish(trainer, tokenizer, _card(recipe, result), out)
-    return result
+
+    def make_trainer(
+        args: dict[str, Any], train: TrainData, validation: datasets.Dataset, hooks: list[TrainerCallback]
+    ) -> Trainer:
+        config = SFTConfig(**args, max_length=recipe.train.seq_len, packing=recipe.sft.packing, dataset_num_proc=None)
+        return SeshuSFTTrainer(
+            model=model,
+            args=config,
+            train_dataset=train,
+            eval_dataset=validation,
+            processing_class=tokenizer,
+            callbacks=hooks,
+        )
+
+    def result(done: Finished) -> SFTResult:
+        assert isinstance(done.train_dataset, datasets.Dataset)  # fine-tuning rows are always cached
+        return SFTResult(
+            output_dir=done.output_dir,
+            metrics=done.metrics,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            steps=done.steps,
+            examples=len(done.train_dataset),
+            answer_tokens=answer_tokens(done.train_dataset),
+        )
+
+    job = Job(tokenizer, build, describe, make_trainer, lambda done: _card(recipe, result(done)))
+    return result(run_job(recipe, job, resume=resume, callbacks=callbacks, log=log))
