@@ -352,7 +352,6 @@ def test_quickstart_help_names_its_options() -> None:
     assert "--workdir" in result.out and "--max-steps" in result.out and "--federated" in result.out
 
 
-@pytest.mark.xfail(strict=True, reason="quickstart does not check --workdir: a file there is a FileExistsError")
 def test_quickstart_on_a_file_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me")
     assert "notes.txt" in seshu("quickstart", "--workdir", tmp_path / "notes.txt", "--max-steps", "1").error

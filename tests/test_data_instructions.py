@@ -243,7 +243,9 @@ def test_skip_counts_bad_records_and_continues(tmp_path: Path) -> None:
     assert list(read_conversations(str(path), on_error="skip", stats=stats)) == ALPACA_CONVERSATIONS
     assert (stats.records, stats.conversations, stats.skipped) == (4, 2, 2)
     assert stats.first_error == f"{path}, record 2: no 'output' field (it has: instruction)"
-    assert stats.summary().startswith("4 records -> 2 conversations, 2 skipped (first: ")
+    assert stats.reasons == {"no 'output' field (it has: instruction)": 1, stats.reasons.most_common()[-1][0]: 1}
+    assert stats.summary().startswith("4 records -> 2 conversations, 2 skipped: 1x no 'output' field")
+    assert stats.summary().endswith(f"(first: {stats.first_error})")
 
 
 def test_skip_also_passes_over_an_undetectable_first_record(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from seshu import assets
 from seshu.config import PretrainRecipe, load_recipe
 from seshu.data.pipeline import training_documents, validation_documents
+from seshu.errors import UserError
 from seshu.evaluate.perplexity import evaluate_perplexity, sum_totals
 from seshu.generate import SamplingOptions, generate_text
 from seshu.models.loading import load_causal_lm
@@ -68,6 +69,8 @@ def train_quickstart_tokenizer(
 def run(workdir: Path, *, max_steps: int | None = None, log: Callable[[str], None] = silent) -> QuickstartResult:
     """Run the quickstart in `workdir` (its `tokenizer/` and `model/` are replaced on each run); each stage, the
     training progress and the samples go to `log`, one line at a time."""
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"{workdir}: exists and is not a folder; choose another --workdir")
     recipe = quickstart_recipe(workdir, max_steps)
     tokenizer_dir = workdir / "tokenizer"
     for owned in (tokenizer_dir, Path(recipe.output_dir)):

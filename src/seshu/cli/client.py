@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +64,10 @@ def train(
     if config is None and server:
         recipe = _coordinator(server, token or "").json("GET", "/recipe")["recipe"]
     # With --json, stdout holds the JSON alone: the training run's progress lines go to stderr.
-    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
-        result = train_adapter(release, data, out, recipe=recipe, recipe_path=config, overrides=overrides)
+    result = train_adapter(
+        release, data, out, recipe=recipe, recipe_path=config, overrides=overrides,
+        log=lambda line: typer.echo(line, err=as_json),
+    )  # fmt: skip
     if as_json:
         facts = {"out": str(result.output_dir), "examples": result.examples, "answer_tokens": result.answer_tokens}
         typer.echo(json.dumps({**facts, "steps": result.steps, "metrics": result.metrics}))

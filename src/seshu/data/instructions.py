@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import PreTrainedTokenizerBase
@@ -63,13 +64,16 @@ class InstructionStats:
     records: int = 0
     conversations: int = 0
     skipped: int = 0
-    first_error: str | None = None  # the first skipped record's error, for the summary line
+    first_error: str | None = None  # the first skipped record's error, with where it is, for the summary line
+    reasons: Counter[str] = field(default_factory=Counter)  # skipped records by what was wrong with them
 
     def summary(self) -> str:
-        """One line for a log: "1000 records -> 998 conversations, 2 skipped (first: FILE, record 7: ...)"."""
+        """One line for a log: "1000 records -> 997 conversations, 3 skipped: 2x no answer; 1x empty message
+        (first: FILE, record 7: ...)", the reasons most frequent first."""
         line = f"{self.records} records -> {self.conversations} conversations"
         if self.skipped:
-            line += f", {self.skipped} skipped (first: {self.first_error})"
+            reasons = "; ".join(f"{count}x {reason}" for reason, count in self.reasons.most_common())
+            line += f", {self.skipped} skipped: {reasons} (first: {self.first_error})"
         return line
 
 
@@ -114,6 +118,7 @@ def _conversations(
             if on_error == "raise":
                 raise UserError(f"{message}; fix the record, or set data.on_error: skip to skip bad ones") from None
             stats.skipped += 1
+            stats.reasons[str(exc)] += 1
             stats.first_error = stats.first_error or message
             first_error = first_error or message
             continue

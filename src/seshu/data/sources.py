@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -70,13 +71,16 @@ def read_documents(
     the documents themselves are read lazily.
     """
     local = _local(path)
-    if local.exists():
-        files = _corpus_files(local)
-        documents = _files_documents(files, text_field, text_unit, holdout)
-    else:
-        documents = _kept(_hub_documents(path, text_field, split=split, name=name, streaming=streaming), holdout)
-    # An empty side of a split is not this source's fault: the pipeline says which split has no text.
-    return documents if holdout is not None else _require_text(documents, path)
+    if not local.exists():
+        documents = _hub_documents(path, text_field, split=split, name=name, streaming=streaming)
+        return _kept(_require_text(documents, path), holdout)
+    files = _corpus_files(local)
+    if holdout is None:
+        return _require_text(_files_documents(files, text_field, text_unit, None), path)
+    # A text read whole gives only its side of the split, which may be empty while the source is not: the
+    # pipeline then says which split has no text. A source with no text at all is named here, as without a split.
+    whole = partial(_files_documents, files, text_field, text_unit, None)
+    return _require_text(_files_documents(files, text_field, text_unit, holdout), path, has_text=whole)
 
 
 def _local(path: str) -> Path:
@@ -197,14 +201,17 @@ def _kept(documents: Iterable[str], holdout: Holdout | None) -> Iterator[str]:
             yield text
 
 
-def _require_text(documents: Iterator[str], path: str) -> Iterator[str]:
-    """Pass documents through, and fail if there are none: an empty corpus is a mistake in the recipe, and
+def _require_text(
+    documents: Iterator[str], path: str, has_text: Callable[[], Iterator[str]] | None = None
+) -> Iterator[str]:
+    """Pass documents through, and fail if there are none (and `has_text`, all of the source's documents when
+    `documents` are one side of a split, has none either): an empty corpus is a mistake in the recipe, and
     saying so here beats a puzzling "no block of N tokens" much later."""
     empty = True
     for text in documents:
         empty = False
         yield text
-    if empty:
+    if empty and (has_text is None or next(has_text(), None) is None):
         raise UserError(f"{path} has no text: every document in it is empty; point the recipe at a corpus")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from seshu.errors import UserError
+from seshu.federation import Report
 from seshu.federation.client import RELEASE_MARKER
 from seshu.hub.card import seshu_block
 from seshu.io import write_text_atomic
@@ -35,12 +36,14 @@ def train_adapter(
     recipe: dict[str, Any] | None = None,
     recipe_path: Path | None = None,
     overrides: list[str] | None = None,
+    log: Report | None = None,
 ) -> Any:
     """Fine-tune an adapter on `data` over the pulled `release`, with `recipe` (the federation's, as served) or the
-    recipe file `recipe_path` (default: the packaged donor recipe); returns `SFTResult`. The adapter folder gets
-    the release marker, so `seshu client submit` knows what it was trained on."""
+    recipe file `recipe_path` (default: the packaged donor recipe); returns `SFTResult`, the run's progress going
+    to `log`. The adapter folder gets the release marker, so `seshu client submit` knows what it was trained on."""
     from seshu.config import SFTRecipe, apply_overrides, deep_merge, read_yaml, validate
     from seshu.federation.coordinator import complete_donor_recipe, read_donor_recipe
+    from seshu.train.common import silent
     from seshu.train.sft import run
 
     marker = release_of(release)
@@ -49,7 +52,7 @@ def train_adapter(
     checked: SFTRecipe = validate(SFTRecipe, apply_overrides(raw, overrides or []), "the federation's recipe")
     if checked.sft.method == "full":
         raise UserError("sft.method: full trains a whole model; a federation takes LoRA adapters (lora or qlora)")
-    result = run(checked)
+    result = run(checked, log=log or silent)
     write_text_atomic(Path(result.output_dir) / RELEASE_MARKER, json.dumps(marker, indent=2) + "\n")
     return result
 

@@ -107,7 +107,7 @@ def publish_release(
         merge_release(base, contributions, fed.policy, method, candidate)
         if cpt_recipe is not None:
             say("continued pretraining on server data")
-            candidate = _continue_pretraining(cpt_recipe, candidate, work)
+            candidate = _continue_pretraining(cpt_recipe, candidate, work, say)
         say("scoring the candidate on every frozen set")
         metrics = score_folder(candidate, None, release_set_files(fed, current.eval_sets))
         gate = release_gate(fed.policy, scores_of(metrics), scores_of(current.metrics))
@@ -186,14 +186,14 @@ def publish_release(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _continue_pretraining(recipe_path: Path, model: Path, work: Path) -> Path:
+def _continue_pretraining(recipe_path: Path, model: Path, work: Path, say: Report) -> Path:
     from seshu.config import PretrainRecipe, load_recipe
     from seshu.train.pretrain import run
 
     recipe: PretrainRecipe = load_recipe(
         PretrainRecipe, recipe_path, [f"model.init_from={model}", f"output_dir={work / 'cpt'}"]
     )
-    result = run(recipe)
+    result = run(recipe, log=say)
     folder = Path(result.output_dir)
     out = work / "continued"
     out.mkdir()

@@ -48,8 +48,8 @@ _ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 # Presets aim at: tiny ~1M parameters (tests), small 5-10M (a CPU can pretrain it), base ~100M, 1b ~1B, with
 # an 8k-32k vocabulary. Attention heads are 64 wide at small and up, the usual sweet spot for SDPA kernels.
-# Every width is a multiple of 64, as in real models: bitsandbytes' CPU 4-bit kernels need multiples of 32,
-# and matmul kernels run best on them.
+# Every MLP width is a multiple of 64, as in real models: matmul kernels run best on such widths, and
+# bitsandbytes' CPU 4-bit inference kernel takes nothing else.
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec(
         name="llama",
