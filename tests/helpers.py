@@ -39,8 +39,14 @@ def save_bpe_tokenizer(corpus: list[str], out: Path, vocab_size: int = 300, chat
 
 
 def save_tiny_model(
-    out: Path, corpus: list[str], *, arch: str = "llama", tied: bool = False, chat_tokens: bool = False,
-    vocab_size: int = 300, context_length: int = 64,
+    out: Path,
+    corpus: list[str],
+    *,
+    arch: str = "llama",
+    tied: bool = False,
+    chat_tokens: bool = False,
+    vocab_size: int = 300,
+    context_length: int = 64,
 ) -> Path:
     """A seeded tiny `arch` model and its byte-level BPE tokenizer (trained on `corpus`; without a chat template,
     and without the chat tokens unless `chat_tokens`), saved together in `out`."""

@@ -62,9 +62,7 @@ def test_empty_source_is_dropped_not_restarted_forever() -> None:
         calls.append(1)
         return iter([])
 
-    assert list(mix_sources([empty, source("b", 10)], [5.0, 1.0], 0, "all_exhausted")) == [
-        f"b{i}" for i in range(10)
-    ]
+    assert list(mix_sources([empty, source("b", 10)], [5.0, 1.0], 0, "all_exhausted")) == [f"b{i}" for i in range(10)]
     assert len(calls) == 1
     # first_exhausted ends as soon as the empty source is drawn.
     assert len(list(mix_sources([empty, source("b", 10)], [5.0, 1.0], 0, "first_exhausted"))) < 10

@@ -171,9 +171,7 @@ def test_bad_record_while_caching_is_a_user_error_not_a_generation_error(
 def test_bad_record_while_streaming_is_a_user_error(
     corpus: dict[str, Path], tokenizer: PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    data = section(
-        train=str(broken_after_first_block(tmp_path)), validation=str(corpus["val"]), streaming=True
-    )
+    data = section(train=str(broken_after_first_block(tmp_path)), validation=str(corpus["val"]), streaming=True)
     train, _ = build_block_datasets(data, tokenizer, seq_len=8, seed=0, cache_dir=tmp_path / "c")
     with pytest.raises(UserError, match=r"broken\.jsonl, line 301: malformed JSON"):
         list(train)
@@ -190,8 +188,9 @@ def test_missing_source_fails_before_any_work(
 def test_a_play_keeps_its_repeated_short_lines_and_its_newlines(tmp_path: Path) -> None:
     """De-duplication removes copies of documents, never the repeated lines of one text."""
     rng = random.Random(0)
-    speeches = [f"{rng.choice(['ROMEO:', 'JULIET:', 'NURSE:'])}\n{' '.join(rng.choices(VOCAB, k=8))}\nAy.\n"
-                for _ in range(200)]
+    speeches = [
+        f"{rng.choice(['ROMEO:', 'JULIET:', 'NURSE:'])}\n{' '.join(rng.choices(VOCAB, k=8))}\nAy.\n" for _ in range(200)
+    ]
     play = tmp_path / "play.txt"
     play.write_text("\n".join(speeches), encoding="utf-8")
     data = section(train=str(play), validation=0.1)

@@ -122,9 +122,7 @@ def test_saved_folder_loads_with_plain_transformers(trained: PreTrainedTokenizer
     assert loaded.decode(answer) == "Hello!<|im_end|>"
 
 
-def test_save_replaces_a_tokenizer_but_not_other_folders(
-    trained: PreTrainedTokenizerBase, tmp_path: Path
-) -> None:
+def test_save_replaces_a_tokenizer_but_not_other_folders(trained: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     save_tokenizer(trained, tmp_path / "tok")
     save_tokenizer(trained, tmp_path / "tok")  # an earlier tokenizer is replaced
     precious = tmp_path / "project"
@@ -163,9 +161,7 @@ def test_balanced_sample_raises_the_share_of_a_small_script() -> None:
     # alpha = 1 keeps the corpus' own mix: every document exactly once.
     assert sorted(balanced_sample(docs, alpha=1.0, seed=0)) == sorted(docs)
     # alpha = 0 gives every script the same share.
-    assert _char_share(list(balanced_sample(docs, alpha=0.0, seed=0)), "Devanagari") == pytest.approx(
-        0.5, 0.1
-    )
+    assert _char_share(list(balanced_sample(docs, alpha=0.0, seed=0)), "Devanagari") == pytest.approx(0.5, 0.1)
 
 
 def test_select_documents_skips_blanks_and_samples() -> None:
@@ -213,9 +209,7 @@ def test_indic_data_lowers_devanagari_fertility() -> None:
         held_out += test
     english_only = tokenizer_stats(train_tokenizer(english, 2000), held_out)["Devanagari"]
     with_indic = tokenizer_stats(train_tokenizer(english + indic, 2000), held_out)["Devanagari"]
-    print(
-        f"Devanagari fertility: English-only {english_only.fertility:.2f}, +Indic {with_indic.fertility:.2f}"
-    )
+    print(f"Devanagari fertility: English-only {english_only.fertility:.2f}, +Indic {with_indic.fertility:.2f}")
     assert with_indic.fertility < english_only.fertility / 3
 
 
@@ -248,9 +242,7 @@ def test_bad_input_is_a_user_error(tmp_path: Path) -> None:
 def test_cli_train_then_stats_json(tmp_path: Path) -> None:
     english, hindi = tmp_path / "en.txt", tmp_path / "hi.jsonl"
     english.write_text("\n".join(ENGLISH * 10), encoding="utf-8")
-    hindi.write_text(
-        "\n".join(json.dumps({"body": s}, ensure_ascii=False) for s in HINDI * 10), encoding="utf-8"
-    )
+    hindi.write_text("\n".join(json.dumps({"body": s}, ensure_ascii=False) for s in HINDI * 10), encoding="utf-8")
     (tmp_path / "hi").mkdir()
     (tmp_path / "hi" / "hi.txt").write_text("\n".join(HINDI * 10), encoding="utf-8")
     out = tmp_path / "tok"

@@ -38,12 +38,10 @@ DEFAULT_CHAT_TEMPLATE = (
 END_OF_TURN_TOKENS: tuple[str, ...] = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 
 
-
 _PROBE: list[dict[str, str]] = [
     {"role": "user", "content": "What is two plus two?"},
     {"role": "assistant", "content": "Four."},
 ]
-
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
@@ -93,7 +91,6 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if token in vocab and token in source and vocab[token] not in ids:
             ids.append(vocab[token])
     return ids
-
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:

@@ -195,8 +195,7 @@ def _train_backend(kind: str, docs: list[str], vocab_size: int, show_progress: b
         # The Unigram trainer must keep every character it saw; a tiny vocabulary cannot.
         if "not large enough" in str(exc):
             raise UserError(
-                f"vocab size {vocab_size} cannot hold every distinct character of the corpus; "
-                "raise --vocab-size"
+                f"vocab size {vocab_size} cannot hold every distinct character of the corpus; raise --vocab-size"
             ) from None
         raise
     if kind == "unigram":
@@ -216,9 +215,7 @@ def _with_byte_fallback(tok: Tokenizer) -> models.Unigram:
     return models.Unigram(vocab, unk_id=model["unk_id"], byte_fallback=True)
 
 
-def wrap_tokenizer(
-    tok: Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH
-) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(tok: Tokenizer, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> PreTrainedTokenizerFast:
     """A `tokenizers.Tokenizer` as a transformers tokenizer with Seshu's special tokens and chat template."""
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -271,9 +268,7 @@ def train_tokenizer(
 # Saving and loading
 
 
-def save_tokenizer(
-    tokenizer: PreTrainedTokenizerBase, out: Path, *, card: dict[str, Any] | None = None
-) -> None:
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out: Path, *, card: dict[str, Any] | None = None) -> None:
     """Write `tokenizer` as a Hugging Face folder at `out`, atomically: the folder appears only complete.
 
     `card` (what made it: inputs, settings) goes into the YAML front matter of a README.md model card.
@@ -461,9 +456,7 @@ def train_from_paths(
         "inputs": inputs,
     }
     save_tokenizer(tokenizer, out, card=card)
-    return TrainSummary(
-        out=Path(out), vocab_size=len(tokenizer), documents=used, training_documents=len(docs)
-    )
+    return TrainSummary(out=Path(out), vocab_size=len(tokenizer), documents=used, training_documents=len(docs))
 
 
 def stats_from_paths(

@@ -13,9 +13,7 @@ from rich.table import Table
 
 from seshu.config import TextUnit
 
-app = typer.Typer(
-    help="Train tokenizers and measure them per script.", no_args_is_help=True, add_completion=False
-)
+app = typer.Typer(help="Train tokenizers and measure them per script.", no_args_is_help=True, add_completion=False)
 
 
 @app.command()
@@ -51,9 +49,7 @@ def train(
         show_progress=sys.stdout.isatty() and sys.stderr.isatty(),
     )
     repeated = (
-        f" ({summary.training_documents} after balancing)"
-        if summary.training_documents != summary.documents
-        else ""
+        f" ({summary.training_documents} after balancing)" if summary.training_documents != summary.documents else ""
     )
     typer.echo(
         f"trained a {kind} tokenizer of {summary.vocab_size} tokens on {summary.documents} documents"

@@ -176,9 +176,7 @@ def _corpus_files(local: Path, suffixes: Collection[str] | None = None, what: st
     return files
 
 
-def _files_documents(
-    files: list[Path], text_field: str, text_unit: TextUnit, holdout: Holdout | None
-) -> Iterator[str]:
+def _files_documents(files: list[Path], text_field: str, text_unit: TextUnit, holdout: Holdout | None) -> Iterator[str]:
     for file in files:
         if file.suffix.lower() == ".txt":
             yield from _read_txt(file, text_unit, holdout)
