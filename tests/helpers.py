@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+from typer.testing import CliRunner
 
 BASE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -62,3 +65,43 @@ def save_tiny_model(
     build_model(config, seed=0).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+@dataclass
+class Outcome:
+    """What a `seshu` command did: its exit code and what it wrote to stdout and stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    @property
+    def error(self) -> str:
+        """The one line a user error prints on stderr (the test fails if there is anything else there)."""
+        lines = [line for line in self.err.splitlines() if line.strip()]
+        assert self.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (self.code, self.err)
+        assert "Traceback" not in self.err + self.out
+        return lines[0]
+
+
+def seshu(*args: object, stdin: str | None = None, env: dict[str, str] | None = None) -> Outcome:
+    """`seshu ARGS` through the real entry point, in this process, with stdout and stderr captured apart, `env`
+    over the environment and no SESHU_SERVER or SESHU_TOKEN of the caller's."""
+    from seshu.cli import main
+
+    argv = sys.argv
+    sys.argv = ["seshu", *map(str, args)]
+    try:
+        isolated = {"SESHU_SERVER": None, "SESHU_TOKEN": None, **(env or {})}
+        with CliRunner().isolation(input=stdin, env=isolated) as streams:
+            try:
+                main()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
+    finally:
+        sys.argv = argv
+    return Outcome(code, out, err)

@@ -18,52 +18,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import Outcome, seshu
 from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from typer.testing import CliRunner
 
 from seshu.hub.card import read_card_metadata
 
 GROUPS = ["quickstart", "tokenizer", "pretrain", "sft", "eval", "adapters", "merge", "moe", "generate", "chat"]
 GROUPS += ["server", "client"]
 TOPICS = ["river", "market", "school", "train", "festival", "garden", "library", "kitchen"]
-
-
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error(self) -> str:
-        """The one line a user error prints on stderr (the test fails if there is anything else there)."""
-        lines = [line for line in self.err.splitlines() if line.strip()]
-        assert self.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (self.code, self.err)
-        assert "Traceback" not in self.err + self.out
-        return lines[0]
-
-
-def seshu(*args: object, stdin: str | None = None) -> Outcome:
-    """`seshu ARGS` through the real entry point, in this process, with stdout and stderr captured apart and no
-    SESHU_SERVER or SESHU_TOKEN of the caller's."""
-    from seshu.cli import main
-
-    argv = sys.argv
-    sys.argv = ["seshu", *map(str, args)]
-    try:
-        with CliRunner().isolation(input=stdin, env={"SESHU_SERVER": None, "SESHU_TOKEN": None}) as streams:
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    finally:
-        sys.argv = argv
-    return Outcome(code, out, err)
 
 
 def ok(outcome: Outcome) -> Outcome:

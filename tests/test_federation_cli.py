@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import CliRunner
 from federation_service import free_port, save_tiny_chatless_base, write_policy, write_sets
+from helpers import Outcome, seshu
 from sqlalchemy import inspect, select
 
 from seshu.federation.database import head_revision
@@ -27,43 +27,6 @@ from seshu.federation.models import Client, Release, Submission
 
 # A few steps of the federation's recipe: enough for an adapter that loads, is checked and is scored.
 TINY_TRAINING = ["train.max_steps=4", "train.eval_every=4", "train.save_every=4", "train.seq_len=128"]
-
-
-@dataclass
-class Outcome:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def error(self) -> str:
-        """The one line a user error prints (the test fails if there is anything else on stderr)."""
-        lines = [line for line in self.err.splitlines() if line.strip()]
-        assert self.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (self.code, self.err)
-        assert "Traceback" not in self.err and not self.out, self.out
-        return lines[0]
-
-
-def seshu(*args: str | Path, env: dict[str, str] | None = None) -> Outcome:
-    """Run `seshu ARGS` in this process through the real entry point, with `env` over the environment (and no
-    SESHU_SERVER or SESHU_TOKEN of the caller's)."""
-    from seshu.cli import main
-
-    argv = sys.argv
-    sys.argv = ["seshu", *map(str, args)]
-    try:
-        with CliRunner().isolation(env={"SESHU_SERVER": None, "SESHU_TOKEN": None, **(env or {})}) as streams:
-            try:
-                main()
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            sys.stdout.flush()
-            sys.stderr.flush()
-            out, err = streams[0].getvalue().decode(), streams[1].getvalue().decode()
-    finally:
-        sys.argv = argv
-    return Outcome(code, out, err)
 
 
 @pytest.fixture(scope="module")

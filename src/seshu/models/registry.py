@@ -204,8 +204,10 @@ ARCHS: dict[str, ArchSpec] = {
             "base": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
             "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32),
         },
-        # Phi-2's choices: rotary embeddings on 40% of each head, no key/value grouping.
-        fixed=dict(partial_rotary_factor=0.4, tie_word_embeddings=False),
+        # Phi-2's choices: rotary embeddings on part of each head, no key/value grouping. Phi-2 rotates 32 of its
+        # 80 head dimensions (0.4); on the 64-wide heads here 0.4 would mean 25.6, which transformers' Phi floors
+        # to an odd 25 and cannot rotate, so half of each head (32 dimensions, as in Phi-2) rotates.
+        fixed=dict(partial_rotary_factor=0.5, tie_word_embeddings=False),
         lora_modules=("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
     ),
 }
