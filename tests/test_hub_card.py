@@ -93,8 +93,16 @@ def test_describe_inputs_hashes_packaged_corpora() -> None:
 def test_describe_model_lists_only_the_files_that_define_it(tmp_path: Path) -> None:
     model = tmp_path / "model"
     names = ("config.json", "model.safetensors", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json")
+    names += ("tokenizer.model", "merges.txt", "vocab.txt")  # tokenizers without a tokenizer.json
     defining = [write(model / name, name) for name in names]
-    for other in ("README.md", "train_log.jsonl", "training.png", "checkpoint-4/model.safetensors", ".cache/x.json"):
+    for other in (
+        "README.md",
+        "train_log.jsonl",
+        "training.png",
+        "notes.txt",
+        "checkpoint-4/model.safetensors",
+        ".cache/x.json",
+    ):
         write(model / other, other)
     described = describe_model(str(model))
     assert described == [{"path": str(p), "sha256": sha256(p)} for p in sorted(defining)]

@@ -42,8 +42,16 @@ def describe_model(ref: str) -> list[dict[str, str]]:
     local = Path(ref)
     if not local.is_dir():
         return [{"hub_id": ref}]
-    defining = sorted(p for p in local.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".jinja"))
+    defining = sorted(p for p in local.iterdir() if p.is_file() and _defines_model(p.name))
     return describe_inputs([str(p) for p in defining])
+
+
+# Tokenizers without a tokenizer.json (sentencepiece, or BPE/WordPiece vocabularies) are defined by these files.
+_TOKENIZER_FILES = ("tokenizer.model", "merges.txt", "vocab.txt", "spiece.model")
+
+
+def _defines_model(name: str) -> bool:
+    return name.endswith((".safetensors", ".json", ".jinja")) or name in _TOKENIZER_FILES
 
 
 def usage_snippet(*, base: str | None = None) -> str:
