@@ -313,3 +313,35 @@ def test_packaged_files_are_readable_by_their_seshu_name() -> None:
     from seshu.data.sources import read_documents
 
     assert next(read_documents("seshu:corpus/hi.txt"))
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+@pytest.mark.parametrize("fraction", [0.03, 0.1])
+def test_holdout_share_is_by_bytes_whatever_the_line_ends(tmp_path: Path, newline: str, fraction: float) -> None:
+    path = tmp_path / "book.txt"
+    path.write_bytes(("\ufeff" + newline.join(f"line {i}:" + " abc" * (i % 5) for i in range(2000))).encode())
+    held = list(read_documents(str(path), text_unit="file", holdout=Holdout(fraction, 0, "validation")))
+    share = len(held[0].replace("\n", newline).encode()) / path.stat().st_size
+    assert abs(share - fraction) < 0.005
+
+
+def test_a_text_of_one_long_line_is_read_whole_and_still_splits_by_position(tmp_path: Path) -> None:
+    words = [f"w{i}" for i in range(100_000)]
+    path = tmp_path / "one-line.txt"
+    path.write_text(" ".join(words), encoding="utf-8")
+    assert detect_text_unit(path) == "file"
+    train = list(read_documents(str(path), holdout=Holdout(0.1, 0, "train")))
+    held = list(read_documents(str(path), holdout=Holdout(0.1, 0, "validation")))
+    assert len(train) == len(held) == 1
+    assert (train[0] + " " + held[0]).split() == words  # cut at a space, nothing lost or doubled
+    assert abs(len(held[0]) / path.stat().st_size - 0.1) < 0.01
+
+
+def test_a_line_longer_than_two_pieces_is_cut_at_spaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sources, "PIECE_CHARS", 100)
+    words = [f"word{i}" for i in range(300)]
+    path = tmp_path / "long.txt"
+    path.write_text(" ".join(words) + "\n", encoding="utf-8")
+    pieces = list(read_documents(str(path), text_unit="file"))
+    assert len(pieces) > 5 and all(len(piece) <= 220 for piece in pieces)
+    assert " ".join(pieces).split() == words

@@ -243,6 +243,21 @@ def test_chat_drops_old_turns_to_fit_the_context(llama_dir: Path, monkeypatch: p
     assert len(encode_prompt(tokenizer, chat_prompt(tokenizer, history[:-1]))) <= 60 - 8
 
 
+def test_generation_ends_at_the_models_context(
+    llama_dir: Path, monkeypatch: pytest.MonkeyPatch, generate_spy: list[torch.Tensor]
+) -> None:
+    model, tokenizer = load_for_generation(str(llama_dir), device="cpu")
+    monkeypatch.setattr(model.config, "max_position_embeddings", 24)
+    options = SamplingOptions(max_new_tokens=128, seed=0)
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[tokenizer.eos_token_id] = -100.0  # never stops early
+    generate_text(model, tokenizer, "hello world", options)
+    assert generate_spy[-1].shape[1] == 24  # prompt and answer fill the context, no more
+    with pytest.raises(UserError, match="no room for an answer"):
+        generate_text(model, tokenizer, "hello world " * 20, options)
+
+
 def test_prompt_starts_with_one_bos(tokenizer_dir: Path) -> None:
     tokenizer = _tokenizer(tokenizer_dir)
     bos = tokenizer.bos_token_id

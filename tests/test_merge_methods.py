@@ -123,3 +123,13 @@ def test_magnitude_ties_keep_exactly_floor_p_n_entries(monkeypatch: pytest.Monke
     out = merge_tensors("ties", base, [model], params)
     assert int((out != 0).sum()) == 37
     assert torch.equal(out.flatten()[:37], torch.ones(37))  # ties go by flattened order
+
+
+def test_integer_parameters_keep_to_their_range() -> None:
+    from seshu.merge.spec import Param
+
+    k = Param("k", 1, kind="integer", low=1, high=8)
+    assert k.problem(3) is None
+    assert k.problem(0) == "k must be in [1, 8], got 0" and k.problem(9) is not None
+    assert k.problem(2.5) == "parameters.k must be an integer" and k.problem(True) is not None
+    assert k.resolved(3) == 3 and isinstance(k.resolved(3), int)

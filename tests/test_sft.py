@@ -276,7 +276,7 @@ def test_skipped_records_are_summarised_by_the_cli(
     )
     sft_command(config=recipe, overrides=[], out=None, resume=False)
     printed = capsys.readouterr().out
-    summary = next(line for line in printed.splitlines() if line.startswith("train data: "))
+    summary = next(line for line in printed.splitlines() if line.startswith("data (training and held-out): "))
     assert f"{len(records)} records -> {len(records) - 2} conversations, 2 skipped" in summary
     assert "some-bad.json, record 4" in summary, summary
     assert "step 2/2" in printed and "done: 2 steps" in printed

@@ -13,14 +13,13 @@ from transformers import LlamaConfig, MambaConfig, Trainer, TrainingArguments
 
 from seshu.config import TrackSection, TrainSection
 from seshu.errors import UserError
-from seshu.models.registry import build_config, build_model
+from seshu.models.registry import build_config, build_model, model_context_length
 from seshu.train.common import (
     CHECKPOINTS,
     LanguageModelLossMixin,
     check_environment,
     check_output_dir,
     final_metrics,
-    model_context,
     publish,
     tokens_per_step,
     tracking_env,
@@ -82,8 +81,8 @@ def test_training_arguments_follow_the_recipe(tmp_path: Path) -> None:
 
 
 def test_the_context_of_a_model_is_its_position_limit() -> None:
-    assert model_context(LlamaConfig(max_position_embeddings=96)) == 96
-    assert model_context(MambaConfig()) is None  # a state-space model has no position limit
+    assert model_context_length(LlamaConfig(max_position_embeddings=96)) == 96
+    assert model_context_length(MambaConfig()) is None  # a state-space model has no position limit
 
 
 def test_mlflow_keeps_its_store_and_artifacts_in_the_run_folder(

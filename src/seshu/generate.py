@@ -19,6 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from seshu.chat import chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.errors import UserError
 from seshu.models.loading import default_device, load_causal_lm
+from seshu.models.registry import model_context_length
 
 
 @dataclass(frozen=True)
@@ -156,8 +157,18 @@ def generate_text(
 
     The same seed gives the same text on the same machine. `stop_token_ids` replaces eos as the list of ids
     that end the text (chat adds the template's end-of-turn token); stop tokens are not part of the text.
+    The text ends where the model's context does, if `options.max_new_tokens` would run past it: positions the
+    model was never trained at give no text worth reading.
     """
     ids = encode_prompt(tokenizer, prompt)
+    context = model_context_length(model.config)
+    if context is not None:
+        if len(ids) >= context:
+            raise UserError(
+                f"the prompt is {len(ids)} tokens, and the model's context is {context}: no room for an answer; "
+                "give a shorter prompt"
+            )
+        options = replace(options, max_new_tokens=min(options.max_new_tokens, context - len(ids)))
     input_ids = torch.tensor([ids], device=_device_of(model))
     config = options.generation_config(tokenizer, stop_token_ids)
     streamer = _TextPieces(tokenizer, on_text) if on_text is not None else None
@@ -173,11 +184,6 @@ def generate_text(
 
 # --------------------------------------------------------------------------------------------------
 # Chat
-
-
-def _context_length(model: Any) -> int | None:
-    # State-space models (Mamba) have no position limit; attention models record theirs in the config.
-    return getattr(model.config, "max_position_embeddings", None)
 
 
 def _fit_history(
@@ -215,7 +221,7 @@ def chat_loop(
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     stop_ids = end_of_turn_ids(tokenizer)
-    context = _context_length(model)
+    context = model_context_length(model.config)
     room = None if context is None else context - options.max_new_tokens
     turn = 0
     while (line := read_line()) is not None:

@@ -4,12 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
+from typer.core import TyperCommand
+
+
+class _MergeCommand(TyperCommand):
+    """`seshu merge --help` names the registered methods: read from the registry when help is asked for, so a new
+    method needs no edit here, and `seshu --help` does not import torch."""
+
+    def get_help(self, ctx: Any) -> str:
+        from seshu.merge.methods import METHODS
+
+        self.help = f"{merge.__doc__}\n\nMethods: {', '.join(METHODS)}."
+        return str(super().get_help(ctx))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("merge")(merge)
+    app.command("merge", cls=_MergeCommand)(merge)
 
 
 def merge(
@@ -21,8 +34,7 @@ def merge(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, for scripts."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
-    """Merge models, or LoRA adapters of one base (linear, task_arithmetic, ties, dare_linear, dare_ties,
-    breadcrumbs, breadcrumbs_ties, slerp), streaming tensor by tensor."""
+    """Merge models, or LoRA adapters of one base, streaming tensor by tensor (methods: see below)."""
     from seshu.merge.engine import merge_file
 
     report = merge_file(config, out, overrides, progress=progress)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -26,14 +25,11 @@ from seshu.config import SourceEntry, TextUnit
 from seshu.data.clean import normalize
 from seshu.data.mixing import Holdout, is_validation
 from seshu.errors import UserError, first_line
+from seshu.hub.ids import is_hub_id
 
 # Rows per Parquet batch: enough to amortise Arrow's per-batch cost, few enough to stay at a few MB.
 _BATCH_ROWS = 1024
 _CSV_BLOCK_BYTES = 1 << 22
-# "name" or "owner/name": the only shapes a Hub dataset id takes. Anything else that does not exist locally is
-# a mistyped path, and sending it to the Hub would only add a minute of network retries to the error.
-_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-TEXT_UNITS: tuple[str, ...] = get_args(TextUnit)
 # A text read whole (`file`) reaches the pipeline in pieces of about this many characters, cut at a blank line
 # where there is one: memory stays bounded on a file of any size, and the separator packing puts between
 # pieces comes once per ~250k tokens, too rarely to teach the model anything.
@@ -43,6 +39,8 @@ PIECE_CHARS = 1 << 20
 _AUTO_SAMPLE_BYTES = 1 << 20
 _AUTO_MIN_BLANK = 0.02
 _AUTO_MIN_INDENTED = 0.10
+# Past this many characters, a line across the held-out cut is split at a space rather than at its end.
+_LONG_LINE = 1 << 16
 
 
 def read_documents(
@@ -158,7 +156,7 @@ def _require_records(records: Iterator[SourceRecord], path: str) -> Iterator[Sou
 
 def _corpus_files(local: Path, suffixes: Collection[str] | None = None, what: str = "text") -> list[Path]:
     """The supported files at `local` (a file or a folder); `suffixes` narrows what counts as supported."""
-    allowed = (".txt", *_READERS) if suffixes is None else tuple(suffixes)
+    allowed = SUPPORTED_SUFFIXES if suffixes is None else tuple(suffixes)
     supported = ", ".join(allowed)
     if local.is_file():
         if local.suffix.lower() not in allowed:
@@ -228,12 +226,12 @@ def _read_txt(file: Path, text_unit: TextUnit, holdout: Holdout | None) -> Itera
 
 def detect_text_unit(file: Path) -> Literal["line", "file"]:
     """What `auto` reads `file` as, from its first MiB: `file` when enough lines are blank or indented (the
-    shape of prose, plays, verse and code), `line` when neither (one record per line)."""
+    shape of prose, plays, verse and code) or there is one line only, `line` otherwise (one record per line)."""
     with open(file, "rb") as handle:
         head = handle.read(_AUTO_SAMPLE_BYTES).decode("utf-8", errors="replace")
     lines = head.strip("\r\n").splitlines()
-    if not lines:
-        return "line"
+    if len(lines) <= 1:  # a text without line breaks (or with one line only) is one text, not one record
+        return "file"
     blank = sum(1 for line in lines if not line.strip())
     indented = sum(1 for line in lines if line[:1] in (" ", "\t") and line.strip())
     filled = len(lines) - blank
@@ -264,28 +262,54 @@ def _paragraphs(lines: Iterable[str]) -> Iterator[str]:
 
 def _text_pieces(file: Path, holdout: Holdout | None) -> Iterator[str]:
     """A whole text in pieces of about `PIECE_CHARS`, each ending at a blank line where one comes within
-    another `PIECE_CHARS` (else at a line end). With `holdout`, the text is cut once by position, at the first
-    line end past `1 - fraction` of its bytes, and only that side is read."""
-    cut = None if holdout is None else int(file.stat().st_size * (1 - holdout.fraction))
-    want_validation = holdout is not None and holdout.side == "validation"
-    offset = 0
+    another `PIECE_CHARS` (else at a line end, or at a space inside a line longer than that). With `holdout`,
+    only one side of `_positional_side` is read."""
     piece: list[str] = []
     size = 0
-    for line in _text_lines(file):
-        on_validation_side = cut is not None and offset >= cut
-        offset += len(line.encode("utf-8"))
-        if cut is not None and on_validation_side != want_validation:
-            if want_validation:
-                continue
-            break
-        piece.append(line)
-        size += len(line)
-        if size >= PIECE_CHARS and (not line.strip() or size >= 2 * PIECE_CHARS):
-            if text := "".join(piece).strip():
-                yield text
-            piece, size = [], 0
+    for line in _positional_side(file, holdout) if holdout is not None else _text_lines(file):
+        for part in _spans(line):
+            piece.append(part)
+            size += len(part)
+            if size >= PIECE_CHARS and (not part.strip() or size >= 2 * PIECE_CHARS):
+                if text := "".join(piece).strip():
+                    yield text
+                piece, size = [], 0
     if text := "".join(piece).strip():
         yield text
+
+
+def _positional_side(file: Path, holdout: Holdout) -> Iterator[str]:
+    """The lines (Windows line ends as '\\n') on `holdout`'s side of a text cut once by position: `1 - fraction` of
+    its bytes go to training, cut at the next line end, or at the next space when the line there runs on for
+    more than `_LONG_LINE` characters (a text of one long line still splits)."""
+    with open(file, "rb") as handle:
+        offset = 3 if handle.read(3) == b"\xef\xbb\xbf" else 0  # the byte-order mark `_lines` drops
+    cut = int(file.stat().st_size * (1 - holdout.fraction))
+    validation = holdout.side == "validation"
+    for raw in _lines(file):
+        start, offset = offset, offset + len(raw.encode("utf-8"))
+        line = raw[:-2] + "\n" if raw.endswith("\r\n") else raw
+        if offset <= cut or (start < cut and len(line) <= _LONG_LINE):
+            if not validation:
+                yield line
+        elif start >= cut:
+            if not validation:
+                return
+            yield line
+        else:  # a long line across the cut: split it at the first space past the cut
+            at = len(raw.encode("utf-8")[: cut - start].decode("utf-8", errors="ignore"))
+            space = next((i for i in range(at, len(line)) if line[i].isspace()), len(line))
+            yield line[space:] if validation else line[:space]
+
+
+def _spans(line: str) -> Iterator[str]:
+    """`line`, cut at spaces into spans of about `PIECE_CHARS` when it is longer than twice that."""
+    while len(line) > 2 * PIECE_CHARS:
+        space = next((i for i in range(PIECE_CHARS, len(line)) if line[i].isspace()), len(line))
+        yield line[: space + 1]
+        line = line[space + 1 :]
+    if line:
+        yield line
 
 
 def _read_jsonl(file: Path, text_field: str) -> Iterator[str]:
@@ -386,6 +410,7 @@ _READERS: dict[str, Callable[[Path, str], Iterator[str]]] = {
     ".parquet": _read_parquet,
     ".csv": _read_csv,
 }
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".txt", *_READERS)
 
 
 def _reader_for(file: Path) -> Callable[[Path, str], Iterator[str]] | None:
@@ -449,7 +474,9 @@ def _hub_documents(path: str, text_field: str, *, split: str, name: str | None, 
 
 
 def _load_hub_dataset(path: str, *, split: str, name: str | None, streaming: bool) -> Iterable[Any]:
-    if not _DATASET_ID.fullmatch(path) or Path(path).suffix.lower() in (".txt", *_READERS):
+    # Anything that is not a Hub id and does not exist is a mistyped path: sending it to the Hub would only add a
+    # minute of network retries to the error.
+    if not is_hub_id(path) or Path(path).suffix.lower() in SUPPORTED_SUFFIXES:
         raise UserError(f"{path}: no such file or folder; check the path")
     # Imported here: `datasets` takes a second to import and local corpora never need it.
     import datasets

@@ -24,16 +24,14 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCrit
 
 from seshu.chat import chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.errors import UserError
-from seshu.evaluate.perplexity import NLLTotals, model_context_length
+from seshu.evaluate.perplexity import NLLTotals
 from seshu.evaluate.tasks import Task, TaskRecord, check_template, get_task, read_line_pairs, render_prompt
 from seshu.generate import SamplingOptions
 from seshu.io import write_text_atomic
+from seshu.models.registry import model_context_length
 from seshu.progress import progress_bar
 
 DEFAULT_MAX_NEW_TOKENS = 128
-# Cards of models that were never trained on chat-formatted text, whatever template their tokenizer carries
-# (Seshu's tokenizers ship one, so that fine-tuning can use it).
-_NOT_INSTRUCTION_TUNED = ("pretrain", "chat-ready")
 
 
 @dataclass
@@ -74,8 +72,13 @@ def instruction_tuned(model: str, adapter: str | None) -> bool | None:
     if adapter is not None or not Path(model).is_dir():
         return None
     from seshu.hub.card import seshu_block
+    from seshu.models import chat_ready
+    from seshu.train import pretrain
 
-    return False if seshu_block(Path(model)).get("command") in _NOT_INSTRUCTION_TUNED else None
+    # Such a model never saw chat-formatted text, whatever template its tokenizer carries (Seshu's tokenizers ship
+    # one, so that fine-tuning can use it).
+    not_tuned = (pretrain.CARD_COMMAND, chat_ready.CARD_COMMAND)
+    return False if seshu_block(Path(model)).get("command") in not_tuned else None
 
 
 def use_chat(tokenizer: PreTrainedTokenizerBase, task: Task, chat: bool | None) -> bool:

@@ -21,17 +21,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from seshu.config import TextUnit
 from seshu.data.scripts import detect_script
 from seshu.errors import UserError
+from seshu.models.registry import model_context_length
 
 # Context for models whose config records none (Mamba and other state-space models, which have no
 # position limit): long enough that few documents need a second window, short enough for a CPU.
 DEFAULT_MAX_LENGTH = 1024
-# Config fields that hold the context length, in the order transformers' architectures use them.
-_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
 # Documents tokenized per tokenizer call: a fast tokenizer encodes a batch in parallel.
 _TOKENIZE_DOCS = 64
 # Windows collected before batching: sorting this many by length keeps padding low when documents are short.
@@ -90,15 +89,6 @@ def document_windows(ids: list[int], max_length: int, stride: int) -> list[tuple
         scored_end = end
         begin += stride
     return windows
-
-
-def model_context_length(config: PretrainedConfig) -> int | None:
-    """The longest sequence the model's position encoding was built for, or None if it has no limit."""
-    for name in _CONTEXT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def document_start_id(tokenizer: PreTrainedTokenizerBase) -> int:

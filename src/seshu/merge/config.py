@@ -180,7 +180,7 @@ def tensor_parameters(config: MergeConfig, tensor: str, layers: int, deltas: boo
         if param.per_input:
             own = [evaluate(m.parameters[param.name], tensor, t) if param.name in m.parameters else None
                    for m in config.inputs()]  # fmt: skip
-            value = tuple(float(v if v is not None else global_value(param)) for v in own)
+            value = tuple(param.resolved(v if v is not None else global_value(param)) for v in own)
         else:
             value = param.resolved(global_value(param))
         if param.field:

@@ -39,9 +39,8 @@ class Param:
         """Why `value` is not allowed here (None when it is)."""
         if self.kind == "bool":
             return None if isinstance(value, bool) else f"parameter {self.name} must be true or false, got {value!r}"
-        if self.kind == "integer":
-            ok = isinstance(value, int) and not isinstance(value, bool)
-            return None if ok else f"parameters.{self.name} must be an integer"
+        if self.kind == "integer" and (not isinstance(value, int) or isinstance(value, bool)):
+            return f"parameters.{self.name} must be an integer"
         if isinstance(value, bool):
             return f"parameter {self.name} must be a number, got {value!r}"
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)

@@ -6,8 +6,9 @@ and such an adapter is no longer a plain low-rank delta, so `seshu merge` refuse
 on the base itself gives a base that every fine-tune starts from as it is: no tokens added, adapters that are plain
 LoRA deltas and merge. The federation's first release (v0) is made this way.
 
-This is a module of its own rather than a function beside `ensure_chat_template` in `seshu.data.instructions`:
-that module turns records into tokens and never touches weights, while this one loads, resizes and writes a model.
+This is a module of its own rather than a function beside `ensure_chat_template` in `seshu.chat`: that module
+only sets a tokenizer's template and tokens and never touches weights, while this one loads, resizes and writes a
+model.
 """
 
 from __future__ import annotations

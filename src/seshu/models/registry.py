@@ -213,6 +213,20 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
+# Config fields that hold the context length, in the order transformers' architectures use them.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length")
+
+
+def model_context_length(config: PretrainedConfig) -> int | None:
+    """The longest sequence the model's position encoding was built for, or None if it has no limit (a
+    state-space model such as Mamba)."""
+    for name in _CONTEXT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def get_arch(name: str) -> ArchSpec:
     try:
         return ARCHS[name]

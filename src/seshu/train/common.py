@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PretrainedConfig, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -125,13 +125,6 @@ def training_arguments(train: TrainSection, track: TrackSection, out: Path, has_
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
-
-
-def model_context(config: PretrainedConfig) -> int | None:
-    """The positions a model was built for (`max_position_embeddings`), or None when it has no such limit
-    (Mamba)."""
-    context = getattr(config, "max_position_embeddings", None)
-    return context if isinstance(context, int) else None
 
 
 def run_callbacks(

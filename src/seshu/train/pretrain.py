@@ -21,13 +21,23 @@ from seshu.data.pipeline import build_block_datasets, training_documents
 from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
-from seshu.models.registry import build_config, build_model, check_overrides, count_parameters, get_preset_arch
+from seshu.models.registry import (
+    build_config,
+    build_model,
+    check_overrides,
+    count_parameters,
+    get_preset_arch,
+    model_context_length,
+)
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from seshu.train.common import LanguageModelLossMixin, model_context, silent, tokens_per_step
+from seshu.train.common import LanguageModelLossMixin, silent, tokens_per_step
 from seshu.train.lora import apply_lora
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 TOKENIZER_DIR = "tokenizer"
+
+# The `seshu.command` of a pretrained model's card.
+CARD_COMMAND = "pretrain"
 
 
 @dataclass
@@ -93,7 +103,7 @@ def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) ->
 def check_block_fits(seq_len: int, model: PreTrainedModel, ref: str) -> None:
     """Every packed block is `seq_len` tokens long: a model continued past its context trains on positions it
     has no embedding for (learned positions fail mid-run) or never saw (RoPE)."""
-    context = model_context(model.config)
+    context = model_context_length(model.config)
     if context is not None and seq_len > context:
         raise UserError(
             f"train.seq_len: blocks of {seq_len} tokens are longer than {ref}'s context of {context} tokens "
@@ -111,7 +121,7 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
         "pipeline_tag": "text-generation",
         "tags": ["seshu", model.config.model_type],
         "seshu": {
-            "command": "pretrain",
+            "command": CARD_COMMAND,
             "parameters": count_parameters(model),
             "steps": steps,
             "tokens_per_device": tokens,

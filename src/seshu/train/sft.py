@@ -39,9 +39,9 @@ from seshu.data.pipeline import source_state, tokenizer_state
 from seshu.errors import UserError, first_line
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
-from seshu.models.registry import ARCHS, arch_of, count_parameters
+from seshu.models.registry import ARCHS, arch_of, count_parameters, model_context_length
 from seshu.tokenizer import load_tokenizer
-from seshu.train.common import LanguageModelLossMixin, model_context, silent
+from seshu.train.common import LanguageModelLossMixin, silent
 from seshu.train.lora import apply_lora
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
@@ -157,9 +157,12 @@ def build_datasets(
                 f"data: the {split} split has no conversation with an answer within train.seq_len="
                 f"{recipe.train.seq_len} tokens; add records or raise train.seq_len"
             )
-        # A held-out fraction is read in the train pass already; separate validation files in their own.
-        if split == "train" or recipe.data.validation_sources():
-            log(f"{split} data: {_read_summary(stats, cache_dir / f'{fingerprint}.summary')}")
+        # A held-out fraction is read (and counted) in the train pass, before the split; separate validation
+        # files in their own pass.
+        separate = bool(recipe.data.validation_sources())
+        if split == "train" or separate:
+            label = f"{split} data" if separate else "data (training and held-out)"
+            log(f"{label}: {_read_summary(stats, cache_dir / f'{fingerprint}.summary')}")
         splits.append(ds)
     return splits[0], splits[1]
 
@@ -178,7 +181,7 @@ def check_rows_fit(config: PretrainedConfig, ref: str, *splits: datasets.Dataset
     every conversation is shorter than the context."""
     import pyarrow.compute as pc
 
-    context = model_context(config)
+    context = model_context_length(config)
     if context is None:
         return
     lengths = [pc.list_value_length(ds.with_format("arrow")["input_ids"]) for ds in splits]
