@@ -102,3 +102,13 @@ def test_an_override_replaces_a_mapping_instead_of_merging_into_it(tmp_path: Pat
         "hidden_size": 32,
         "num_hidden_layers": 1,
     }
+
+
+def test_text_units_fill_pretraining_sources_and_are_refused_on_instruction_records() -> None:
+    from seshu.config import SFTRecipe, validate
+
+    data = {"train": ["a.txt", {"path": "b.txt", "text_unit": "paragraph"}], "text_unit": "line"}
+    recipe = validate(PretrainRecipe, {"data": data}, "r.yaml")
+    assert [e.text_unit for e in recipe.data.train_sources()] == ["line", "paragraph"]
+    with pytest.raises(UserError, match="text_unit applies to plain-text pretraining sources"):
+        validate(SFTRecipe, {"data": {"train": [{"path": "a.json", "text_unit": "line"}]}}, "r.yaml")

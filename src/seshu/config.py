@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from seshu import assets
 from seshu.errors import UserError, first_line
@@ -184,6 +184,15 @@ class InstructionDataSection(_SplitSources):
     format: str = "auto"
     on_error: Literal["raise", "skip"] = "raise"
     max_records: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _no_text_unit(self) -> InstructionDataSection:
+        # Instruction data is records; a text unit cuts plain text, so here it would silently do nothing.
+        values = [self.train, self.validation]
+        entries = [e for v in values for e in (v if isinstance(v, list) else [v]) if isinstance(e, SourceEntry)]
+        if any(e.text_unit is not None for e in entries):
+            raise ValueError("text_unit applies to plain-text pretraining sources, not to instruction records")
+        return self
 
 
 class SFTSection(StrictModel):
