@@ -211,3 +211,21 @@ def test_text_unit_per_source_overrides_the_section_default(tmp_path: Path) -> N
     data = section(train=[{"path": str(play), "text_unit": "paragraph"}], validation=str(play), text_unit="line")
     assert list(training_documents(data, seed=0)) == ["A:\nhello there", "B:\nhello back"]
     assert list(validation_documents(data, seed=0)) == ["A:", "hello there", "B:", "hello back"]
+
+
+def test_the_run_log_says_how_each_text_source_is_cut(tmp_path: Path) -> None:
+    from seshu.data.pipeline import describe_text_units
+
+    play = tmp_path / "play.txt"
+    play.write_text("A:\nhello\n\nB:\nhi\n", encoding="utf-8")
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "records.txt").write_text("".join(f"record {i}\n" for i in range(50)), encoding="utf-8")
+    (folder / "book.txt").write_text("Chapter 1\n\nIt was a dark night.\n", encoding="utf-8")
+    (folder / "rows.jsonl").write_text('{"text": "x"}\n', encoding="utf-8")
+    data = section(train=[str(play), str(folder), {"path": str(play), "text_unit": "line"}], validation=0.1)
+    assert describe_text_units(data) == [
+        f"data: {play}: read as one text (text_unit: auto)",
+        f"data: {folder}: 2 .txt files read 1 as one text, 1 line by line (text_unit: auto)",
+        f"data: {play}: read line by line",
+    ]

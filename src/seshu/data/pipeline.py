@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from itertools import islice
@@ -28,7 +29,7 @@ from seshu.config import DataSection, SourceEntry
 from seshu.data.clean import CleanStats, clean_documents
 from seshu.data.mixing import Holdout, mix_sources
 from seshu.data.packing import pack_documents
-from seshu.data.sources import corpus_files, source_documents
+from seshu.data.sources import corpus_files, detect_text_unit, source_documents
 from seshu.errors import UserError
 
 # Bump when the block-building code changes in a way that makes cached blocks stale.
@@ -49,6 +50,27 @@ def validation_documents(data: DataSection, seed: int) -> Iterator[str]:
     if isinstance(data.validation, float):
         return _mixed(data, data.train_sources(), seed, None, Holdout(data.validation, seed, "validation"))
     return _mixed(data, data.validation_sources(), seed, None, None)
+
+
+_HOW = {"file": "as one text", "line": "line by line", "paragraph": "by paragraph"}
+
+
+def describe_text_units(data: DataSection) -> list[str]:
+    """How each source's `.txt` files are cut into documents, a line per source, saying what `auto` chose, so that
+    a wrong guess shows in the run log."""
+    lines = []
+    for entry in [*data.train_sources(), *data.validation_sources()]:
+        unit = entry.text_unit or "auto"
+        texts = [f for f in corpus_files(entry.path) or [] if f.suffix.lower() == ".txt"]
+        chosen = Counter(detect_text_unit(f) if unit == "auto" else unit for f in texts)
+        if not chosen:
+            continue
+        if len(texts) == 1:
+            how = f"read {_HOW[next(iter(chosen))]}"
+        else:
+            how = f"{len(texts):,} .txt files read " + ", ".join(f"{n:,} {_HOW[u]}" for u, n in chosen.most_common())
+        lines.append(f"data: {entry.path}: {how}" + (" (text_unit: auto)" if unit == "auto" else ""))
+    return lines
 
 
 def build_block_datasets(

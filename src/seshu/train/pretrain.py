@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from seshu.config import PretrainRecipe
-from seshu.data.pipeline import build_block_datasets, training_documents
+from seshu.data.pipeline import build_block_datasets, describe_text_units, training_documents
 from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
@@ -161,6 +161,8 @@ def run(
         raise UserError("lora: LoRA continued pretraining needs model.init_from, the model to adapt")
     if not recipe.model.init_from:  # checked before minutes of tokenizer training
         check_overrides(get_preset_arch(recipe.model.arch, recipe.model.preset), recipe.model.overrides)
+    for line in describe_text_units(recipe.data):
+        log(line)
     tokenizer, trained_tokenizer = _prepare_tokenizer(recipe, out, log)
     if not recipe.model.init_from:
         tokenizer.model_max_length = recipe.train.seq_len  # the context the new model is trained for
