@@ -43,9 +43,10 @@ def test_pretrain_learns_and_writes_a_plain_hf_model(tmp_path: Path, corpus_file
     out = tmp_path / "run"
     lines: list[str] = []
     result = pretrain.run(make_recipe(out, corpus_files), log=lines.append)
-    assert lines[0] == "training a bpe tokenizer (300 tokens) on the training corpus"
-    assert lines[1].startswith(f"model: llama, {result.parameters:,} parameters; 24 steps of 128 tokens")
-    assert [line.split(" |")[0] for line in lines[2:] if "| loss" in line] == [f"step {s}/24" for s in range(4, 25, 4)]
+    assert lines[:2] == [f"data: {path}: read line by line (text_unit: auto)" for path in corpus_files]
+    assert lines[2] == "training a bpe tokenizer (300 tokens) on the training corpus"
+    assert lines[3].startswith(f"model: llama, {result.parameters:,} parameters; 24 steps of 128 tokens")
+    assert [line.split(" |")[0] for line in lines[4:] if "| loss" in line] == [f"step {s}/24" for s in range(4, 25, 4)]
 
     losses = [e["loss"] for e in log_entries(out) if "loss" in e]
     assert losses[-1] < losses[0] - 1.0
