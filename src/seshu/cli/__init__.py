@@ -22,12 +22,26 @@ app = typer.Typer(
 @functools.cache  # main() may run many times in one process (the tests): the groups are added once
 def _register() -> None:
     # Imported here so that `seshu --help` stays fast and each group owns its own module.
-    from seshu.cli import adapters, client, evaluate, generate, merge, moe, pretrain, quickstart, server, sft, tokenizer
+    from seshu.cli import (
+        adapters,
+        client,
+        evaluate,
+        generate,
+        merge,
+        moe,
+        pretrain,
+        quickstart,
+        server,
+        sft,
+        tokenizer,
+        vlm,
+    )
 
     app.add_typer(tokenizer.app, name="tokenizer")
     app.add_typer(evaluate.app, name="eval")
     app.add_typer(adapters.app, name="adapters")
     app.add_typer(moe.app, name="moe")
+    app.add_typer(vlm.app, name="vlm")
     app.add_typer(server.app, name="server")
     app.add_typer(client.app, name="client")
     pretrain.register(app)

@@ -54,10 +54,19 @@ def _defines_model(name: str) -> bool:
     return name.endswith((".safetensors", ".json", ".jinja")) or name in _TOKENIZER_FILES
 
 
-def usage_snippet(*, base: str | None = None) -> str:
-    """The markdown code block a card shows to load the artifact with plain transformers: a whole model, or
-    (given the base it was trained on) a peft adapter applied to that base."""
-    if base is None:
+def usage_snippet(*, base: str | None = None, vision: bool = False) -> str:
+    """The markdown code block a card shows to load the artifact with plain transformers: a whole model, a
+    vision-language model (`vision`), or (given the base it was trained on) a peft adapter applied to that base."""
+    if vision:
+        code = (
+            "from PIL import Image\nfrom transformers import AutoProcessor, LlavaForConditionalGeneration\n"
+            "model = LlavaForConditionalGeneration.from_pretrained(PATH)\n"
+            "processor = AutoProcessor.from_pretrained(PATH)\n"
+            'inputs = processor(images=Image.open("photo.jpg"), text="<image>\\nWhat is in the picture?", '
+            'return_tensors="pt")\n'
+            "print(processor.decode(model.generate(**inputs, max_new_tokens=40)[0]))\n"
+        )
+    elif base is None:
         code = (
             "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             "model = AutoModelForCausalLM.from_pretrained(PATH)\ntokenizer = AutoTokenizer.from_pretrained(PATH)\n"

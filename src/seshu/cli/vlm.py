@@ -1,0 +1,64 @@
+"""`seshu vlm build`: argument parsing over `seshu.multimodal.vlm`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Vision-language models: a CLIP vision tower, a projector and a Seshu LM, saved as transformers' LLaVA.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+def _say(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@app.command()
+def build(
+    vision: str = typer.Option(..., "--vision", help="CLIP checkpoint or vision tower: a folder or a Hub id."),
+    lm: str = typer.Option(
+        ...,
+        "--lm",
+        help="Language model: a Seshu model folder, a Hub id, or ARCH:PRESET (e.g. phi:small) for a new one.",
+    ),
+    out: Path = typer.Option(..., "--out", help="Folder for the VLM (replaced if it holds an earlier VLM)."),
+    tokenizer: str | None = typer.Option(None, "--tokenizer", help="Tokenizer folder for an --lm ARCH:PRESET."),
+    projector: str = typer.Option("linear", "--projector", help="linear (one layer, the seed's) or mlp2x_gelu."),
+    feature_layer: int = typer.Option(
+        -2, "--feature-layer", help="Vision tower layer the LM sees (-2: second to last, as LLaVA)."
+    ),
+    feature_select: str = typer.Option(
+        "default", "--feature-select", help="default: patch features only (drops CLS, LLaVA-1.5); full: CLS too."
+    ),
+    dtype: str = typer.Option("float32", "--dtype", help="Saved weights: float32, bfloat16 or float16."),
+    context_length: int = typer.Option(2048, "--context-length", help="Context of a new --lm ARCH:PRESET."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the projector (and of a new LM)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, for scripts."),
+) -> None:
+    """Assemble a LLaVA-style VLM (untrained projector) that plain transformers loads."""
+    from seshu.cli.common import quiet_libraries
+    from seshu.multimodal.vlm import VLMAssemblyError, build_vlm
+
+    quiet_libraries()
+    try:
+        report = build_vlm(
+            vision, lm, out, projector=projector, feature_layer=feature_layer, feature_select=feature_select,
+            tokenizer=tokenizer, dtype=dtype, context_length=context_length, seed=seed,
+            log=None if as_json else _say,
+        ).report  # fmt: skip
+    except VLMAssemblyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps({"out": str(out), **report.to_dict()}))
+    else:
+        typer.echo(
+            f"wrote {out}: {report.lm_arch} LM + CLIP vision tower, {report.projector} projector, "
+            f"{report.parameters:,} parameters ({report.dtype}); <image> = {report.image_tokens} tokens "
+            f"(layer {report.feature_layer})"
+        )
