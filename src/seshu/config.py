@@ -8,7 +8,7 @@ the real-scale recipe instead of copying it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -305,6 +305,12 @@ def load_recipe(model: type[BaseModel], path: str | Path, overrides: list[str] |
     return validate(model, raw, str(path))
 
 
-def dump_recipe(recipe: BaseModel) -> str:
+class Dumpable(Protocol):
+    """A recipe as `dump_recipe` takes it: any validated config model."""
+
+    def model_dump(self, *, mode: str) -> dict[str, Any]: ...
+
+
+def dump_recipe(recipe: Dumpable) -> str:
     """The recipe as YAML, every default spelled out (written into run directories and model cards)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,4 +1,5 @@
-"""`seshu vlm build`: argument parsing over `seshu.multimodal.vlm`."""
+"""`seshu vlm build` and `seshu vlm pretrain-projector`: argument parsing over `seshu.multimodal.vlm` and
+`seshu.multimodal.pretrain_projector`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 from pathlib import Path
 
 import typer
+
+from seshu.cli.common import CONFIG, OUT, OVERRIDES, RESUME
 
 app = typer.Typer(
     help="Vision-language models: a CLIP vision tower, a projector and a Seshu LM, saved as transformers' LLaVA.",
@@ -62,3 +65,24 @@ def build(
             f"{report.parameters:,} parameters ({report.dtype}); <image> = {report.image_tokens} tokens "
             f"(layer {report.feature_layer})"
         )
+
+
+@app.command("pretrain-projector")
+def pretrain_projector(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path | None = OUT,
+    resume: bool = RESUME,
+) -> None:
+    """Train a VLM's projector alone on image-caption records (vision tower and LM frozen), as a recipe says."""
+    from seshu.cli.common import quiet_libraries, recipe_overrides
+    from seshu.config import load_recipe
+    from seshu.multimodal.config import VLMPretrainRecipe
+    from seshu.multimodal.pretrain_projector import run
+
+    quiet_libraries()
+    recipe = load_recipe(VLMPretrainRecipe, config, recipe_overrides(overrides, out))
+    result = run(recipe, resume=resume, log=typer.echo)
+    loss = result.metrics.get("eval_loss")
+    summary = f"validation caption loss {loss:.4f}; " if loss is not None else ""
+    typer.echo(f"done: {result.steps} steps, {summary}VLM written to {result.output_dir}")

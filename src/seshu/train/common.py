@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -197,8 +197,9 @@ def final_metrics(trainer: Trainer, has_eval: bool) -> dict[str, float]:
     return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
 
-def publish(trainer: Trainer, tokenizer: PreTrainedTokenizerBase, card: str, out: Path) -> None:
-    """Write the trained model (or adapter), its tokenizer and card into `out`, each file by atomic rename."""
+def publish(trainer: Trainer, tokenizer: PreTrainedTokenizerBase | ProcessorMixin, card: str, out: Path) -> None:
+    """Write the trained model (or adapter), its tokenizer (or a VLM's processor) and card into `out`, each file
+    by atomic rename."""
     if not trainer.is_world_process_zero():
         return
     staging = out / ".final.partial"

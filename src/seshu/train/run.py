@@ -8,12 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import datasets
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback
 
-from seshu.config import PretrainRecipe, SFTRecipe, dump_recipe
+from seshu.config import Dumpable, TrackSection, TrainSection, dump_recipe
 from seshu.errors import first_line
 from seshu.io import write_text_atomic
 from seshu.train.common import (
@@ -29,7 +29,21 @@ from seshu.train.common import (
     training_arguments,
 )
 
-RunRecipe: TypeAlias = PretrainRecipe | SFTRecipe
+
+class RunRecipe(Dumpable, Protocol):
+    """What the skeleton reads of a recipe (pretraining, fine-tuning, a VLM's projector pretraining): where the
+    run goes, how it trains and how it is tracked; `dump_recipe` writes the whole of it into the run folder."""
+
+    @property
+    def output_dir(self) -> str: ...
+
+    @property
+    def train(self) -> TrainSection: ...
+
+    @property
+    def track(self) -> TrackSection: ...
+
+
 TrainData: TypeAlias = datasets.Dataset | datasets.IterableDataset  # streamed pretraining data is iterable only
 
 
@@ -48,7 +62,7 @@ class Finished:
 class Job:
     """What one kind of training brings to `run_job`."""
 
-    tokenizer: PreTrainedTokenizerBase  # published with the model
+    tokenizer: PreTrainedTokenizerBase | ProcessorMixin  # published with the model (a VLM publishes its processor)
     # Train and validation datasets, cached under the run folder it is given (and anything else the run keeps
     # there, such as a tokenizer it trained). A failure here removes a run folder that this run created.
     build_datasets: Callable[[Path], tuple[TrainData, datasets.Dataset]]

@@ -1,0 +1,309 @@
+"""`seshu vlm pretrain-projector`: train a VLM's projector alone on image-caption pairs (LLaVA's stage 1), so that
+the image features it hands the frozen language model start to mean something to it.
+
+Everything but the projector is frozen; the loss covers the caption (the assistant's answer and its end-of-turn
+token) only, never the prompt or the image positions (-100). Each record is rendered with the VLM's chat template
+(the user turn holds `<image>` and the prompt, the caption is the answer), as `seshu sft` and `seshu chat` will see
+it later. Training runs on `seshu.train.run` (transformers' Trainer), so checkpoints, resuming, tracking, 8-bit
+AdamW and bf16 work as in pretraining; the result is a whole VLM folder that plain transformers loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import (
+    AutoConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from seshu.data.instructions import tokenize_conversation
+from seshu.data.mixing import is_validation
+from seshu.data.pipeline import source_state, tokenizer_state
+from seshu.errors import UserError, first_line
+from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
+from seshu.models.loading import check_model_dir
+from seshu.models.registry import count_parameters
+from seshu.multimodal.config import CaptionSource, VLMPretrainRecipe
+from seshu.multimodal.images import load_image
+from seshu.multimodal.records import CaptionRecord, read_caption_records, record_key
+from seshu.train.common import silent
+from seshu.train.run import Finished, Job, TrainData, check_run, run_job
+
+CARD_COMMAND = "vlm pretrain-projector"
+IGNORE = -100  # the label transformers' loss skips
+
+ROW_FEATURES = datasets.Features(
+    {
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "images": datasets.List(datasets.Value("string")),
+        "record": datasets.Value("string"),
+    }
+)
+
+
+@dataclass
+class ProjectorResult:
+    output_dir: Path
+    metrics: dict[str, float]  # validation caption loss and perplexity at the last step
+    trainable_parameters: int  # the projector's
+    total_parameters: int
+    steps: int
+    records: int  # training records
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+
+
+def load_vlm(ref: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """The VLM folder `ref` (from `seshu vlm build`) in float32, with its processor; `UserError` for a folder that
+    is not a LLaVA model."""
+    check_model_dir(ref)
+    model_type = AutoConfig.from_pretrained(ref).model_type
+    if model_type != "llava":
+        raise UserError(f"{ref}: a '{model_type}' model, not a VLM; make one with `seshu vlm build`")
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(ref, dtype=torch.float32, use_safetensors=True)
+        processor = LlavaProcessor.from_pretrained(ref)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{ref}: cannot load the VLM: {first_line(exc)}") from None
+    return model, processor
+
+
+def freeze_all_but_projector(model: LlavaForConditionalGeneration) -> int:
+    """Freeze the vision tower, the LM and its head; the projector's parameter count (what trains)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    projector = model.model.multi_modal_projector
+    for parameter in projector.parameters():
+        parameter.requires_grad_(True)
+    return count_parameters(projector)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+
+
+def caption_row(
+    tokenizer: PreTrainedTokenizerBase, record: CaptionRecord, image_token_id: int, image_tokens: int, seq_len: int
+) -> dict[str, Any] | None:
+    """`input_ids` and `labels` of one record: the chat-rendered prompt and caption, each `<image>` expanded to
+    the `image_tokens` positions its features fill, labels -100 but on the caption. Cut to `seq_len`; None when no
+    caption token fits after the prompt."""
+    messages = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.caption}]
+    row = tokenize_conversation(tokenizer, messages)
+    ids: list[int] = []
+    labels: list[int] = []
+    for token, learn in zip(row["input_ids"], row["assistant_masks"], strict=True):
+        copies = image_tokens if token == image_token_id else 1
+        ids += [token] * copies
+        labels += [token if learn else IGNORE] * copies
+    if ids[:seq_len].count(image_token_id) != image_tokens * len(record.images):
+        raise UserError(
+            f"train.seq_len: {seq_len} tokens cannot hold {record.where}'s prompt with "
+            f"{image_tokens * len(record.images)} image positions; raise train.seq_len"
+        )
+    labels = labels[:seq_len]
+    if all(label == IGNORE for label in labels):
+        return None
+    return {"input_ids": ids[:seq_len], "labels": labels, "images": list(record.images), "record": record.where}
+
+
+def _records(recipe: VLMPretrainRecipe, sources: list[CaptionSource]) -> Iterator[CaptionRecord]:
+    for source in sources:
+        yield from read_caption_records(source, recipe.data.prompt)
+
+
+def _split_records(recipe: VLMPretrainRecipe, split: str) -> Iterator[CaptionRecord]:
+    data, seed = recipe.data, recipe.train.seed
+    if not isinstance(data.validation, float):
+        return _records(recipe, data.train_sources() if split == "train" else data.validation_sources())
+    want = split == "validation"
+    fraction = data.validation
+    return (r for r in _records(recipe, data.train_sources()) if is_validation(record_key(r), fraction, seed) == want)
+
+
+def _rows(
+    recipe: VLMPretrainRecipe, tokenizer: PreTrainedTokenizerBase, image_token_id: int, image_tokens: int, split: str
+) -> Iterator[dict[str, Any]]:
+    records = _split_records(recipe, split)
+    if split == "train" and recipe.data.max_records:
+        records = islice(records, recipe.data.max_records)
+    for record in records:
+        row = caption_row(tokenizer, record, image_token_id, image_tokens, recipe.train.seq_len)
+        if row is not None:
+            yield row
+
+
+def build_datasets(
+    recipe: VLMPretrainRecipe, tokenizer: PreTrainedTokenizerBase, image_token_id: int, image_tokens: int, cache: Path
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Train and validation rows, tokenized once into Arrow under `cache` (the images are read at each step)."""
+    for _ in islice(_records(recipe, recipe.data.train_sources()), 8):  # a bad path or record, before any writing
+        pass
+    splits = []
+    for split in ("train", "validation"):
+        state = {
+            "split": split,
+            "data": recipe.data.model_dump(mode="json"),
+            "sources": {
+                s.path: source_state(s.path) for s in recipe.data.train_sources() + recipe.data.validation_sources()
+            },
+            "tokenizer": tokenizer_state(tokenizer),
+            "template": tokenizer.chat_template,
+            "image": [image_token_id, image_tokens],
+            "seq_len": recipe.train.seq_len,
+            "seed": recipe.train.seed,
+        }
+        try:
+            ds = datasets.Dataset.from_generator(
+                _rows,
+                features=ROW_FEATURES,
+                cache_dir=str(cache),
+                gen_kwargs={
+                    "recipe": recipe,
+                    "tokenizer": tokenizer,
+                    "image_token_id": image_token_id,
+                    "image_tokens": image_tokens,
+                    "split": split,
+                },
+                fingerprint=hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32],
+            )
+        except datasets.exceptions.DatasetGenerationError as exc:
+            if isinstance(exc.__cause__, UserError):
+                raise exc.__cause__ from None
+            raise
+        except ValueError as exc:  # how `datasets` says a generator yielded no row
+            if "corresponds to no data" not in str(exc):
+                raise
+            ds = datasets.Dataset.from_dict({k: [] for k in ROW_FEATURES}, features=ROW_FEATURES)
+        if len(ds) == 0:
+            raise UserError(f"data: the {split} split has no image-caption record; add records")
+        splits.append(ds)
+    return splits[0], splits[1]
+
+
+class CaptionCollator:
+    """Pads a batch of rows (labels with -100) and reads their images into `pixel_values`, in the order of the
+    `<image>` positions."""
+
+    def __init__(self, processor: LlavaProcessor, pad_id: int) -> None:
+        self.image_processor = processor.image_processor
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        images = []
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            mask[i, :n] = 1
+            for path in row["images"]:
+                try:
+                    images.append(load_image(path))
+                except UserError as exc:
+                    raise UserError(f"{row['record']}: {exc}") from None
+        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+
+
+def _card(recipe: VLMPretrainRecipe, result: ProjectorResult) -> str:
+    sources = [s.path for s in recipe.data.train_sources() + recipe.data.validation_sources()]
+    base = recipe.model.init_from
+    metadata: dict[str, Any] = {
+        "library_name": "transformers",
+        "pipeline_tag": "image-text-to-text",
+        "tags": ["seshu", "llava", "vision-language"],
+        "seshu": {
+            "command": CARD_COMMAND,
+            "trainable_parameters": result.trainable_parameters,
+            "total_parameters": result.total_parameters,
+            "steps": result.steps,
+            "records": result.records,
+            "metrics": result.metrics,
+            "inputs": describe_inputs(sources),
+            "init_from": describe_model(base),
+            "recipe": recipe.model_dump(mode="json"),
+        },
+    }
+    loss = result.metrics.get("eval_loss")
+    body = (
+        f"The VLM `{base}` with its projector pretrained on image-caption pairs by Seshu ({result.steps} steps, "
+        f"{result.records:,} records, {result.trainable_parameters:,} projector parameters trained; the vision "
+        "tower and the language model are unchanged)."
+        + (f" Caption-only validation loss: {loss:.4f}." if loss is not None else "")
+        + "\n\n"
+        + usage_snippet(vision=True)
+    )
+    return render_card(Path(recipe.output_dir).name, metadata, body)
+
+
+def run(
+    recipe: VLMPretrainRecipe,
+    *,
+    resume: bool = False,
+    callbacks: list[TrainerCallback] | None = None,
+    log: Callable[[str], None] = silent,
+) -> ProjectorResult:
+    """Pretrain the projector of `recipe.model.init_from` as the recipe says; returns where the VLM went and its
+    validation caption loss. Progress goes to `log`, one line at a time."""
+    check_run(recipe, resume)
+    model, processor = load_vlm(recipe.model.init_from)
+    tokenizer = processor.tokenizer
+    trainable = freeze_all_but_projector(model)
+    total = count_parameters(model)
+    image_token_id, image_tokens = int(model.config.image_token_id), int(model.config.image_seq_length)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def build(out: Path) -> tuple[TrainData, datasets.Dataset]:
+        return build_datasets(recipe, tokenizer, image_token_id, image_tokens, out / "data-cache")
+
+    def describe(train: TrainData, validation: datasets.Dataset) -> str:
+        assert isinstance(train, datasets.Dataset)
+        return (
+            f"projector: {trainable:,} of {total:,} parameters train (vision tower and LM frozen); "
+            f"{len(train):,} image-caption records, {len(validation):,} for validation; "
+            f"{image_tokens} positions per image"
+        )
+
+    def make_trainer(
+        args: dict[str, Any], train: TrainData, validation: datasets.Dataset, hooks: list[TrainerCallback]
+    ) -> Trainer:
+        return Trainer(
+            model=model,
+            args=TrainingArguments(**args),
+            data_collator=CaptionCollator(processor, pad_id),
+            train_dataset=train,
+            eval_dataset=validation,
+            callbacks=hooks,
+        )
+
+    def result(done: Finished) -> ProjectorResult:
+        assert isinstance(done.train_dataset, datasets.Dataset)
+        return ProjectorResult(done.output_dir, done.metrics, trainable, total, done.steps, len(done.train_dataset))
+
+    job = Job(processor, build, describe, make_trainer, lambda done: _card(recipe, result(done)))
+    return result(run_job(recipe, job, resume=resume, callbacks=callbacks, log=log))
