@@ -27,7 +27,8 @@ from transformers import (
 from seshu.config import load_recipe
 from seshu.errors import UserError
 from seshu.multimodal.config import DEFAULT_PROMPT, CaptionSource, VLMPretrainRecipe
-from seshu.multimodal.pretrain_projector import IGNORE, CaptionCollator, caption_row, load_vlm
+from seshu.multimodal.loading import load_vlm
+from seshu.multimodal.pretrain_projector import IGNORE, CaptionCollator, caption_row
 from seshu.multimodal.records import CaptionRecord, read_caption_records
 from seshu.multimodal.vlm import build_vlm
 

@@ -144,6 +144,16 @@ def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
+# Turns a prompt into the model's inputs for one sequence: `input_ids` of shape (1, n) and whatever else the model
+# takes (a VLM's `pixel_values`).
+Encoder = Callable[[str], dict[str, torch.Tensor]]
+
+
+def text_encoder(tokenizer: PreTrainedTokenizerBase) -> Encoder:
+    """The inputs of a text model: the ids of `encode_prompt`."""
+    return lambda prompt: {"input_ids": torch.tensor([encode_prompt(tokenizer, prompt)])}
+
+
 def generate_text(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -152,34 +162,37 @@ def generate_text(
     on_text: Callable[[str], None] | None = None,
     *,
     stop_token_ids: list[int] | None = None,
+    encode: Encoder | None = None,
 ) -> str:
     """The model's continuation of `prompt` (without the prompt), streamed to `on_text` piece by piece.
 
     The same seed gives the same text on the same machine. `stop_token_ids` replaces eos as the list of ids
     that end the text (chat adds the template's end-of-turn token); stop tokens are not part of the text.
     The text ends where the model's context does, if `options.max_new_tokens` would run past it: positions the
-    model was never trained at give no text worth reading.
+    model was never trained at give no text worth reading. `encode` turns the prompt into the model's inputs
+    (default `text_encoder(tokenizer)`; a VLM's adds the image).
     """
-    ids = encode_prompt(tokenizer, prompt)
+    device = _device_of(model)
+    inputs = {name: value.to(device) for name, value in (encode or text_encoder(tokenizer))(prompt).items()}
+    length = int(inputs["input_ids"].shape[-1])
     context = model_context_length(model.config)
     if context is not None:
-        if len(ids) >= context:
+        if length >= context:
             raise UserError(
-                f"the prompt is {len(ids)} tokens, and the model's context is {context}: no room for an answer; "
+                f"the prompt is {length} tokens, and the model's context is {context}: no room for an answer; "
                 "give a shorter prompt"
             )
-        options = replace(options, max_new_tokens=min(options.max_new_tokens, context - len(ids)))
-    input_ids = torch.tensor([ids], device=_device_of(model))
+        options = replace(options, max_new_tokens=min(options.max_new_tokens, context - length))
     config = options.generation_config(tokenizer, stop_token_ids)
     streamer = _TextPieces(tokenizer, on_text) if on_text is not None else None
     set_seed(options.seed)  # python, numpy and torch (all devices): sampling draws from torch
     output = model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        **inputs,
+        attention_mask=torch.ones_like(inputs["input_ids"]),
         generation_config=config,
         streamer=streamer,
     )
-    return str(tokenizer.decode(output[0, len(ids) :].tolist(), skip_special_tokens=True))
+    return str(tokenizer.decode(output[0, length:].tolist(), skip_special_tokens=True))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +200,7 @@ def generate_text(
 
 
 def _fit_history(
-    tokenizer: PreTrainedTokenizerBase, history: list[dict[str, str]], room: int | None
+    tokenizer: PreTrainedTokenizerBase, history: list[dict[str, str]], room: int | None, encode: Encoder
 ) -> tuple[str, bool]:
     """The chat prompt, dropping the oldest exchanges (never the system message or the newest question)
     until it leaves `room` tokens of context for the answer. Returns the prompt and whether it dropped any."""
@@ -195,7 +208,7 @@ def _fit_history(
     while True:
         prompt = chat_prompt(tokenizer, history)
         first = 1 if history and history[0]["role"] == "system" else 0
-        if room is None or len(encode_prompt(tokenizer, prompt)) <= room or len(history) - first <= 1:
+        if room is None or encode(prompt)["input_ids"].shape[-1] <= room or len(history) - first <= 1:
             return prompt, dropped
         # Drop the oldest message and any answers after it, so the history still starts with a user turn.
         del history[first]
@@ -211,13 +224,18 @@ def chat_loop(
     read_line: Callable[[], str | None],
     write: Callable[[str], None],
     system: str | None = None,
+    *,
+    encode: Encoder | None = None,
+    first_turn: Callable[[str], str] | None = None,
 ) -> list[dict[str, str]]:
     """A chat REPL: each line from `read_line` is a user turn, the answer is streamed to `write`.
 
     `read_line` returns None at the end of input; `/reset` forgets the conversation (keeping the system
     message), `/exit` quits. When the conversation outgrows the model's context, the oldest exchanges are
-    dropped. Returns the conversation as messages (system first, when given).
+    dropped. `encode` is as for `generate_text`; `first_turn` rewrites the first user line of each conversation
+    (a VLM's adds its image and transcript). Returns the conversation as messages (system first, when given).
     """
+    encode = encode or text_encoder(tokenizer)
     start = [{"role": "system", "content": system}] if system else []
     history = list(start)
     stop_ids = end_of_turn_ids(tokenizer)
@@ -237,13 +255,14 @@ def chat_loop(
         if line.startswith("/") and " " not in line:
             write(f"unknown command {line}; commands: /reset, /exit\n")
             continue
-        history.append({"role": "user", "content": line})
-        prompt, dropped = _fit_history(tokenizer, history, room)
+        opening = first_turn is not None and not any(message["role"] == "user" for message in history)
+        history.append({"role": "user", "content": first_turn(line) if first_turn and opening else line})
+        prompt, dropped = _fit_history(tokenizer, history, room, encode)
         if dropped:
             write("(older turns dropped to fit the model's context)\n")
         # A seed per turn: the whole session replays from --seed, yet asking twice can give two answers.
         turn_options = replace(options, seed=options.seed + turn)
-        answer = generate_text(model, tokenizer, prompt, turn_options, write, stop_token_ids=stop_ids)
+        answer = generate_text(model, tokenizer, prompt, turn_options, write, stop_token_ids=stop_ids, encode=encode)
         write("\n")
         turn += 1
         history.append({"role": "assistant", "content": answer})

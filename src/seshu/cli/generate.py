@@ -22,6 +22,11 @@ _TOP_P = typer.Option(0.95, "--top-p", help="Sample from the likeliest tokens ho
 _TOP_K = typer.Option(50, "--top-k", help="Sample from the k likeliest tokens; 0 is off.")
 _REPETITION_PENALTY = typer.Option(1.1, "--repetition-penalty", help="Above 1 discourages repeating tokens; 1 is off.")
 _SEED = typer.Option(0, "--seed", help="Same seed, same text.")
+_IMAGE = typer.Option(None, "--image", help="Image for a VLM (from `seshu vlm build`) to look at.")
+_AUDIO = typer.Option(None, "--audio", help="Speech for a VLM: its first 10 s are transcribed into the turn.")
+_WHISPER = typer.Option(
+    None, "--whisper", help="Whisper for --audio (folder or Hub id); default the tiny.en the speech extra bundles."
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -45,17 +50,31 @@ def generate_command(
     repetition_penalty: float = _REPETITION_PENALTY,
     seed: int = _SEED,
     device: str | None = _DEVICE,
+    image: str | None = _IMAGE,
+    audio: str | None = _AUDIO,
+    whisper: str | None = _WHISPER,
 ) -> None:
-    """Continue a prompt, streaming the text as it is made."""
+    """Continue a prompt, streaming the text as it is made; a VLM answers it as a user turn, with --image and
+    --audio."""
     from seshu.cli.common import quiet_libraries
     from seshu.generate import SamplingOptions, generate_text, load_for_generation
+    from seshu.multimodal.generate import check_media, generate_vlm, load_vlm_for_generation, read_media
 
     quiet_libraries()  # stdout holds only the generated text
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     text = sys.stdin.read() if prompt == "-" else prompt
+    if check_media(model, image, audio, adapter):
+        media = read_media(image, audio, whisper=whisper, device=device, log=_notice)
+        generate_vlm(load_vlm_for_generation(model, device), text, media, options, _echo)
+        typer.echo()
+        return
     lm, tokenizer = load_for_generation(model, adapter, device)
     generate_text(lm, tokenizer, text, options, _echo)
     typer.echo()
+
+
+def _notice(line: str) -> None:
+    typer.echo(line, err=True)
 
 
 def _read_line() -> str | None:
@@ -76,15 +95,28 @@ def chat_command(
     repetition_penalty: float = _REPETITION_PENALTY,
     seed: int = _SEED,
     device: str | None = _DEVICE,
+    image: str | None = _IMAGE,
+    audio: str | None = _AUDIO,
+    whisper: str | None = _WHISPER,
 ) -> None:
-    """Chat with a model through its tokenizer's chat template (/reset clears, /exit or Ctrl-D quits)."""
+    """Chat with a model through its tokenizer's chat template (/reset clears, /exit or Ctrl-D quits); with a
+    VLM, --image and --audio go into the first turn."""
     from seshu.cli.common import quiet_libraries
     from seshu.generate import SamplingOptions, chat_loop, load_for_generation
+    from seshu.multimodal.generate import chat_vlm, check_media, load_vlm_for_generation, read_media
 
     quiet_libraries()
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    lm, tokenizer = load_for_generation(model, adapter, device)
+    vlm = check_media(model, image, audio, adapter)
+    if vlm:
+        media = read_media(image, audio, whisper=whisper, device=device, log=_notice)
+        loaded = load_vlm_for_generation(model, device)
+    else:
+        lm, tokenizer = load_for_generation(model, adapter, device)
     typer.echo(f"chatting with {model}; /reset clears the conversation, /exit or Ctrl-D quits", err=True)
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the chat like Ctrl-D, without a traceback
-        chat_loop(lm, tokenizer, options, _read_line, _echo, system=system)
+        if vlm:
+            chat_vlm(loaded, media, options, _read_line, _echo, system=system)
+        else:
+            chat_loop(lm, tokenizer, options, _read_line, _echo, system=system)
     typer.echo()

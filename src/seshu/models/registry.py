@@ -219,7 +219,8 @@ _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_lengt
 
 def model_context_length(config: PretrainedConfig) -> int | None:
     """The longest sequence the model's position encoding was built for, or None if it has no limit (a
-    state-space model such as Mamba)."""
+    state-space model such as Mamba). A composite model (a VLM) has it in its language model's sub-config."""
+    config = config.get_text_config()
     for name in _CONTEXT_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

@@ -21,7 +21,6 @@ from typing import Any
 import datasets
 import torch
 from transformers import (
-    AutoConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerBase,
@@ -33,12 +32,12 @@ from transformers import (
 from seshu.data.instructions import tokenize_conversation
 from seshu.data.mixing import is_validation
 from seshu.data.pipeline import source_state, tokenizer_state
-from seshu.errors import UserError, first_line
+from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
-from seshu.models.loading import check_model_dir
 from seshu.models.registry import count_parameters
 from seshu.multimodal.config import CaptionSource, VLMPretrainRecipe
 from seshu.multimodal.images import load_image
+from seshu.multimodal.loading import load_vlm
 from seshu.multimodal.records import CaptionRecord, read_caption_records, record_key
 from seshu.train.common import silent
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
@@ -68,21 +67,6 @@ class ProjectorResult:
 
 # ------------------------------------------------------------------------------------------------
 # Model
-
-
-def load_vlm(ref: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """The VLM folder `ref` (from `seshu vlm build`) in float32, with its processor; `UserError` for a folder that
-    is not a LLaVA model."""
-    check_model_dir(ref)
-    model_type = AutoConfig.from_pretrained(ref).model_type
-    if model_type != "llava":
-        raise UserError(f"{ref}: a '{model_type}' model, not a VLM; make one with `seshu vlm build`")
-    try:
-        model = LlavaForConditionalGeneration.from_pretrained(ref, dtype=torch.float32, use_safetensors=True)
-        processor = LlavaProcessor.from_pretrained(ref)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{ref}: cannot load the VLM: {first_line(exc)}") from None
-    return model, processor
 
 
 def freeze_all_but_projector(model: LlavaForConditionalGeneration) -> int:
