@@ -75,18 +75,20 @@ class CleanSection(StrictModel):
     scripts: list[str] | None = None
 
 
+def check_validation_fraction(value: Any) -> Any:
+    """A `validation` value: a held-out fraction must lie strictly between 0 and 1 (sources pass as they are)."""
+    if isinstance(value, float) and not 0.0 < value < 1.0:
+        raise ValueError("a validation fraction must be between 0 and 1")
+    return value
+
+
 class _SplitSources(StrictModel):
     """Training sources and a validation split: a held-out fraction of them, or sources of its own."""
 
     train: str | SourceEntry | list[str | SourceEntry]
     validation: float | str | SourceEntry | list[str | SourceEntry] = 0.05
 
-    @field_validator("validation")
-    @classmethod
-    def _fraction_in_range(cls, value: Any) -> Any:
-        if isinstance(value, float) and not 0.0 < value < 1.0:
-            raise ValueError("a validation fraction must be between 0 and 1")
-        return value
+    _fraction_in_range = field_validator("validation")(check_validation_fraction)
 
     def _text_field(self) -> str:
         return "text"

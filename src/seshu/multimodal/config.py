@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from seshu.config import StrictModel, TrackSection, TrainSection
+from seshu.config import StrictModel, TrackSection, TrainSection, check_validation_fraction
 from seshu.multimodal.vlm import IMAGE_TOKEN
 
 # The user turn of a COCO caption (COCO records hold no question): one of the short-caption prompts LLaVA's
@@ -40,12 +40,7 @@ class CaptionDataSection(StrictModel):
     prompt: str = DEFAULT_PROMPT
     max_records: int | None = Field(None, ge=1)  # of the training records
 
-    @field_validator("validation")
-    @classmethod
-    def _fraction_in_range(cls, value: Any) -> Any:
-        if isinstance(value, float) and not 0.0 < value < 1.0:
-            raise ValueError("a validation fraction must be between 0 and 1")
-        return value
+    _fraction_in_range = field_validator("validation")(check_validation_fraction)
 
     @field_validator("prompt")
     @classmethod
