@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -87,7 +87,9 @@ def build_block_datasets(
     if data.streaming:
         train = datasets.IterableDataset.from_generator(_block_rows, features=BLOCK_FEATURES, gen_kwargs=gen_kwargs)
     else:
-        train = _cached_blocks(gen_kwargs, _fingerprint(data, tokenizer, seq_len, seed), cache_dir)
+        train = cached_rows(
+            _block_rows, BLOCK_FEATURES, gen_kwargs, _fingerprint(data, tokenizer, seq_len, seed), cache_dir
+        )
     blocks = list(islice(pack_documents(validation_documents(data, seed), tokenizer, seq_len), data.max_eval_blocks))
     if not blocks:
         raise _no_block("validation", seq_len)
@@ -116,25 +118,45 @@ def _block_rows(
         yield {"input_ids": block}
 
 
-def _cached_blocks(gen_kwargs: dict[str, Any], fingerprint: str, cache_dir: Path) -> datasets.Dataset:
+def cached_rows(
+    generator: Callable[..., Iterator[dict[str, Any]]],
+    features: datasets.Features,
+    gen_kwargs: dict[str, Any],
+    fingerprint: str,
+    cache_dir: Path,
+) -> datasets.Dataset:
+    """`generator(**gen_kwargs)`'s rows, written once to Arrow under `cache_dir` (keyed on `fingerprint`) and
+    memory-mapped. A `UserError` the generator raises comes out as itself, not wrapped in a `datasets` generation
+    error, so a bad record still reads as one sentence; a generator that yields nothing gives an empty dataset."""
     try:
         return datasets.Dataset.from_generator(
-            _block_rows,
-            features=BLOCK_FEATURES,
-            cache_dir=str(cache_dir),
-            gen_kwargs=gen_kwargs,
-            fingerprint=fingerprint,
+            generator, features=features, cache_dir=str(cache_dir), gen_kwargs=gen_kwargs, fingerprint=fingerprint
         )
     except datasets.exceptions.DatasetGenerationError as exc:
-        # `datasets` wraps whatever the generator raised; a bad corpus should still read as one sentence.
         if isinstance(exc.__cause__, UserError):
             raise exc.__cause__ from None
         raise
+    except ValueError as exc:  # how `datasets` says a generator yielded no row
+        if "corresponds to no data" not in str(exc):
+            raise
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+
+
+def state_digest(state: dict[str, Any]) -> str:
+    """A fingerprint of everything a cached dataset depends on (a JSON-able mapping). An explicit fingerprint
+    also spares `datasets` from hashing the tokenizer object, which is slow and not stable across processes."""
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def sources_state(section: Any) -> dict[str, list[tuple[str, int, int]] | str]:
+    """`source_state` of every training and validation source of a data section (one with `train_sources()` and
+    `validation_sources()`)."""
+    entries = section.train_sources() + section.validation_sources()
+    return {entry.path: source_state(entry.path) for entry in entries}
 
 
 def _fingerprint(data: DataSection, tokenizer: PreTrainedTokenizerBase, seq_len: int, seed: int) -> str:
-    """A digest of everything the training blocks depend on. An explicit fingerprint also spares `datasets`
-    from hashing the tokenizer object, which is slow and not stable across processes."""
+    """A digest of everything the training blocks depend on (validation sources are not among them)."""
     state = {
         "version": _FORMAT_VERSION,
         "data": data.model_dump(mode="json", exclude={"max_eval_blocks"}),
@@ -143,7 +165,7 @@ def _fingerprint(data: DataSection, tokenizer: PreTrainedTokenizerBase, seq_len:
         "seq_len": seq_len,
         "seed": seed,
     }
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+    return state_digest(state)
 
 
 def source_state(path: str) -> list[tuple[str, int, int]] | str:

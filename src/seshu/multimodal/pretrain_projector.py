@@ -10,8 +10,6 @@ AdamW and bf16 work as in pretraining; the result is a whole VLM folder that pla
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -31,7 +29,7 @@ from transformers import (
 
 from seshu.data.instructions import tokenize_conversation
 from seshu.data.mixing import is_validation
-from seshu.data.pipeline import source_state, tokenizer_state
+from seshu.data.pipeline import cached_rows, sources_state, state_digest, tokenizer_state
 from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.registry import count_parameters
@@ -145,37 +143,21 @@ def build_datasets(
         state = {
             "split": split,
             "data": recipe.data.model_dump(mode="json"),
-            "sources": {
-                s.path: source_state(s.path) for s in recipe.data.train_sources() + recipe.data.validation_sources()
-            },
+            "sources": sources_state(recipe.data),
             "tokenizer": tokenizer_state(tokenizer),
             "template": tokenizer.chat_template,
             "image": [image_token_id, image_tokens],
             "seq_len": recipe.train.seq_len,
             "seed": recipe.train.seed,
         }
-        try:
-            ds = datasets.Dataset.from_generator(
-                _rows,
-                features=ROW_FEATURES,
-                cache_dir=str(cache),
-                gen_kwargs={
-                    "recipe": recipe,
-                    "tokenizer": tokenizer,
-                    "image_token_id": image_token_id,
-                    "image_tokens": image_tokens,
-                    "split": split,
-                },
-                fingerprint=hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32],
-            )
-        except datasets.exceptions.DatasetGenerationError as exc:
-            if isinstance(exc.__cause__, UserError):
-                raise exc.__cause__ from None
-            raise
-        except ValueError as exc:  # how `datasets` says a generator yielded no row
-            if "corresponds to no data" not in str(exc):
-                raise
-            ds = datasets.Dataset.from_dict({k: [] for k in ROW_FEATURES}, features=ROW_FEATURES)
+        gen_kwargs = {
+            "recipe": recipe,
+            "tokenizer": tokenizer,
+            "image_token_id": image_token_id,
+            "image_tokens": image_tokens,
+            "split": split,
+        }
+        ds = cached_rows(_rows, ROW_FEATURES, gen_kwargs, state_digest(state), cache)
         if len(ds) == 0:
             raise UserError(f"data: the {split} split has no image-caption record; add records")
         splits.append(ds)

@@ -7,7 +7,6 @@ every donor contribution to the federation is made here.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from seshu.chat import CHAT_TOKENS
 from seshu.config import SFTRecipe, SourceEntry
 from seshu.data.instructions import InstructionStats, read_conversations, tokenize_conversation
 from seshu.data.mixing import is_validation
-from seshu.data.pipeline import source_state, tokenizer_state
+from seshu.data.pipeline import cached_rows, sources_state, state_digest, tokenizer_state
 from seshu.errors import UserError, first_line
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
@@ -103,15 +102,13 @@ def _fingerprint(recipe: SFTRecipe, tokenizer: PreTrainedTokenizerBase, split: s
     state = {
         "split": split,
         "data": recipe.data.model_dump(mode="json"),
-        "sources": {
-            e.path: source_state(e.path) for e in recipe.data.train_sources() + recipe.data.validation_sources()
-        },
+        "sources": sources_state(recipe.data),
         "tokenizer": tokenizer_state(tokenizer),
         "template": tokenizer.chat_template,
         "seq_len": recipe.train.seq_len,
         "seed": recipe.train.seed,
     }
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:32]
+    return state_digest(state)
 
 
 def answer_tokens(ds: datasets.Dataset) -> int:
@@ -136,22 +133,8 @@ def build_datasets(
     for split in ("train", "validation"):
         stats = InstructionStats()
         fingerprint = _fingerprint(recipe, tokenizer, split)
-        try:
-            ds = datasets.Dataset.from_generator(
-                _rows,
-                features=ROW_FEATURES,
-                cache_dir=str(cache_dir),
-                gen_kwargs={"recipe": recipe, "tokenizer": tokenizer, "split": split, "stats": stats},
-                fingerprint=fingerprint,
-            )
-        except datasets.exceptions.DatasetGenerationError as exc:
-            if isinstance(exc.__cause__, UserError):
-                raise exc.__cause__ from None
-            raise
-        except ValueError as exc:  # how `datasets` says a generator yielded no row
-            if "corresponds to no data" not in str(exc):
-                raise
-            ds = datasets.Dataset.from_dict({"input_ids": [], "assistant_masks": []}, features=ROW_FEATURES)
+        gen_kwargs = {"recipe": recipe, "tokenizer": tokenizer, "split": split, "stats": stats}
+        ds = cached_rows(_rows, ROW_FEATURES, gen_kwargs, fingerprint, cache_dir)
         if len(ds) == 0:
             raise UserError(
                 f"data: the {split} split has no conversation with an answer within train.seq_len="
