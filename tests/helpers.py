@@ -5,10 +5,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 from typer.testing import CliRunner
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 BASE_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
@@ -65,6 +69,81 @@ def save_tiny_model(
     build_model(config, seed=0).save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+# A tiny CLIP vision tower: 32x32 images in 8x8 patches, so one `<image>` stands for 16 positions.
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                   patch_size=8)  # fmt: skip
+TINY_VISION_PATCHES = 16
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+SHAPES = ("square", "circle", "triangle")
+
+
+def save_tiny_clip(out: Path, seed: int = 0) -> Path:
+    """A seeded random CLIP vision tower (`TINY_VISION`) with its image processor, saved to `out`."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(seed)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VISION)).save_pretrained(out)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
+def draw_shape(colour: str, shape: str, variant: int) -> Image.Image:
+    """A `colour` `shape` (one of `SHAPE_COLOURS`, `SHAPES`) on white, 32x32, its size and place moved a little
+    by `variant`."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (32, 32), "white")
+    draw = ImageDraw.Draw(image)
+    x, y, size = 4 + variant % 3 * 2, 4 + variant // 3 % 3 * 2, 20 + variant % 2 * 2
+    box = (x, y, x + size, y + size)
+    fill = SHAPE_COLOURS[colour]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":  # a ring: a filled disc differs from a filled square only in the corners
+        draw.ellipse(box, outline=fill, width=6)
+    else:
+        draw.polygon([(x, y + size), (x + size, y + size), (x + size // 2, y)], fill=fill)
+    return image
+
+
+def text_pretrain(lm: Path, texts: list[str], steps: int = 120) -> None:
+    """A few steps of language modelling on `texts`, so that the LM has predictions a projector can steer (a
+    random tiny LM's are uniform: there the caption loss cannot fall whatever the image positions hold)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(lm)
+    tok = AutoTokenizer.from_pretrained(lm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = [texts[i] for i in torch.randint(len(texts), (16,), generator=generator)]
+        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=48)
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        model(**enc, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(lm)
+
+
+def save_shapes_vlm(root: Path, corpus_file: str) -> Path:
+    """A tiny VLM in `root / "vlm"`: a random CLIP vision tower, a linear projector and a tiny llama LM briefly
+    pretrained on the first lines of `corpus_file` and the shape captions ("a red square")."""
+    from itertools import product
+
+    from seshu.multimodal.vlm import build_vlm
+
+    clip = save_tiny_clip(root / "clip-vision")
+    corpus = Path(corpus_file).read_text(encoding="utf-8").splitlines()[:200]
+    corpus += [f"a {c} {s}" for c, s in product(SHAPE_COLOURS, SHAPES)]
+    lm = save_tiny_model(root / "lm", corpus, arch="llama", context_length=128)
+    text_pretrain(lm, corpus)
+    build_vlm(str(clip), str(lm), root / "vlm")
+    return root / "vlm"
 
 
 @dataclass

@@ -130,7 +130,7 @@ def test_bad_input_is_one_line(root: Path, vlm: Path, lm: Path, images: tuple[Pa
         "not an audio file": ("generate", "--model", vlm, *prompt, "--audio", not_audio),
         "text-only model; --image needs a VLM": ("generate", "--model", lm, *prompt, "--image", images[0]),
         "text-only model; --audio needs a VLM": ("chat", "--model", lm, "--audio", not_audio),
-        "--adapter applies to text models": ("chat", "--model", vlm, "--adapter", lm),
+        "not a PEFT adapter directory": ("chat", "--model", vlm, "--adapter", lm),
     }
     for expected, args in cases.items():
         error = seshu(*args).error

@@ -11,68 +11,33 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import save_tiny_model, seshu
-from PIL import Image, ImageDraw
+from helpers import (
+    SHAPE_COLOURS,
+    SHAPES,
+    TINY_VISION_PATCHES,
+    draw_shape,
+    save_shapes_vlm,
+    seshu,
+)
 from safetensors.torch import load_file
 from transformers import (
-    AutoModelForCausalLM,
     AutoProcessor,
-    AutoTokenizer,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModel,
     LlavaForConditionalGeneration,
 )
 
 from seshu.config import load_recipe
+from seshu.data.instructions import IGNORE_INDEX
 from seshu.errors import UserError
 from seshu.multimodal.config import DEFAULT_PROMPT, CaptionSource, VLMPretrainRecipe
 from seshu.multimodal.loading import load_vlm
-from seshu.multimodal.pretrain_projector import IGNORE, CaptionCollator, caption_row
+from seshu.multimodal.pretrain_projector import caption_row
 from seshu.multimodal.records import CaptionRecord, read_caption_records
-from seshu.multimodal.vlm import build_vlm
+from seshu.multimodal.rows import MediaCollator
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-              patch_size=8)  # fmt: skip
-PATCHES = 16
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
-SHAPES = ("square", "circle", "triangle")
+PATCHES = TINY_VISION_PATCHES
+COLOURS = SHAPE_COLOURS
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PROJECTOR = "multi_modal_projector."  # the tensor names in the saved file (transformers' LLaVA layout)
-
-
-def draw_shape(colour: str, shape: str, variant: int) -> Image.Image:
-    """A `colour` `shape` on white, its size and place moved a little by `variant`."""
-    image = Image.new("RGB", (32, 32), "white")
-    draw = ImageDraw.Draw(image)
-    x, y, size = 4 + variant % 3 * 2, 4 + variant // 3 % 3 * 2, 20 + variant % 2 * 2
-    box = (x, y, x + size, y + size)
-    fill = COLOURS[colour]
-    if shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "circle":
-        draw.ellipse(box, fill=fill)
-    else:
-        draw.polygon([(x, y + size), (x + size, y + size), (x + size // 2, y)], fill=fill)
-    return image
-
-
-def text_pretrain(lm: Path, texts: list[str], steps: int = 120) -> None:
-    """A few steps of language modelling on `texts`, so that the LM has predictions a projector can steer (a
-    random tiny LM's are uniform: there the caption loss cannot fall whatever the image positions hold)."""
-    model = AutoModelForCausalLM.from_pretrained(lm)
-    tok = AutoTokenizer.from_pretrained(lm)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        batch = [texts[i] for i in torch.randint(len(texts), (16,), generator=generator)]
-        enc = tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=48)
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        model(**enc, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(lm)
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +48,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def vlm_dir(root: Path, corpus_files: list[str]) -> Path:
     """A tiny VLM: a random CLIP vision tower and a tiny llama LM, linear projector."""
-    torch.manual_seed(0)
-    clip = root / "clip-vision"
-    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(clip)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(clip)
-    corpus = Path(corpus_files[0]).read_text(encoding="utf-8").splitlines()[:200]
-    corpus += [f"a {c} {s}" for c, s in product(COLOURS, SHAPES)]
-    lm = save_tiny_model(root / "lm", corpus, arch="llama", context_length=128)
-    text_pretrain(lm, corpus)
-    build_vlm(str(clip), str(lm), root / "vlm")
-    return root / "vlm"
+    return save_shapes_vlm(root, corpus_files[0])
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +100,7 @@ def caption_loss(model: LlavaForConditionalGeneration, records: list[CaptionReco
     _, processor = load_vlm(str(vlm))
     tok = processor.tokenizer
     rows = [caption_row(tok, r, model.config.image_token_id, PATCHES, 64) for r in records]
-    batch = CaptionCollator(processor, tok.pad_token_id)([r for r in rows if r is not None])
+    batch = MediaCollator(processor, tok.pad_token_id)([r for r in rows if r is not None])
     with torch.no_grad():
         return float(model.eval()(**batch).loss)
 
@@ -195,9 +151,9 @@ def test_labels_cover_the_caption_only(vlm_dir: Path, shapes: Path) -> None:
     record = next(read_caption_records(CaptionSource(path=str(shapes / "train.json")), ""))
     row = caption_row(tok, record, image_id, PATCHES, 64)
     assert row is not None and row["input_ids"].count(image_id) == PATCHES
-    learned = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE]
+    learned = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != IGNORE_INDEX]
     assert tok.decode(learned).startswith("a red square")
-    assert all(label == IGNORE for t, label in zip(row["input_ids"], row["labels"], strict=True) if t == image_id)
+    assert all(label == IGNORE_INDEX for t, label in zip(row["input_ids"], row["labels"], strict=True) if t == image_id)
     with pytest.raises(UserError, match=r"train\.seq_len: 12 tokens cannot hold .*record 1"):
         caption_row(tok, record, image_id, PATCHES, 12)
 

@@ -212,6 +212,19 @@ class SFTTrainSection(TrainSection):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class VLMSection(StrictModel):
+    """How `seshu sft` tunes a VLM (`model.init_from` from `seshu vlm build`) on records with images and audio."""
+
+    # LLaVA's stage 2 trains the projector fully beside the LM's adapters; "freeze" keeps the pretrained one.
+    projector: Literal["train", "freeze"] = "train"
+    # The folder the records' image and audio paths are relative to; None: the folder of each records file.
+    media_folder: str | None = None
+    # The Whisper that transcribes `<audio>` (a folder or Hub id); None: the tiny.en of `seshu[speech]`.
+    whisper: str | None = None
+    # How much of each recording is heard: the seed system's first 10 seconds.
+    audio_seconds: float = Field(10.0, gt=0)
+
+
 class SFTRecipe(StrictModel):
     model: ModelSection = Field(default_factory=ModelSection)
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
@@ -219,6 +232,8 @@ class SFTRecipe(StrictModel):
     train: SFTTrainSection = Field(default_factory=SFTTrainSection)
     track: TrackSection = Field(default_factory=TrackSection)
     sft: SFTSection = Field(default_factory=SFTSection)
+    # For a VLM base only; its defaults apply when it is left out.
+    vlm: VLMSection | None = None
     output_dir: str = "runs/sft"
 
 

@@ -18,13 +18,14 @@ def _group() -> None:
 
 @app.command()
 def fold(
-    base: str = typer.Option(..., "--base", help="Base model folder or Hub id the adapter was trained on."),
+    base: str = typer.Option(..., "--base", help="Base model folder or Hub id it was trained on; a VLM folder too."),
     adapter: str = typer.Option(..., "--adapter", help="PEFT adapter folder (adapter_model.safetensors)."),
     out: Path = typer.Option(..., "--out", help="Folder for the folded model (replaced if it holds an earlier fold)."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Weights dtype: bfloat16, float16 or float32."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, for scripts."),
 ) -> None:
-    """Fold an adapter into its base model: a standalone model, checked against base + adapter."""
+    """Fold an adapter into its base model (a text model or a VLM): a standalone model, checked against base +
+    adapter."""
     from seshu.cli.common import quiet_libraries
     from seshu.merge.fold import FoldMismatchError, fold_adapter
 

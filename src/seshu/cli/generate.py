@@ -63,9 +63,9 @@ def generate_command(
     quiet_libraries()  # stdout holds only the generated text
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
     text = sys.stdin.read() if prompt == "-" else prompt
-    if check_media(model, image, audio, adapter):
+    if check_media(model, image, audio):
         media = read_media(image, audio, whisper=whisper, device=device, log=_notice)
-        generate_vlm(load_vlm_for_generation(model, device), text, media, options, _echo)
+        generate_vlm(load_vlm_for_generation(model, device, adapter), text, media, options, _echo)
         typer.echo()
         return
     lm, tokenizer = load_for_generation(model, adapter, device)
@@ -107,10 +107,10 @@ def chat_command(
 
     quiet_libraries()
     options = SamplingOptions(max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed)
-    vlm = check_media(model, image, audio, adapter)
+    vlm = check_media(model, image, audio)
     if vlm:
         media = read_media(image, audio, whisper=whisper, device=device, log=_notice)
-        loaded = load_vlm_for_generation(model, device)
+        loaded = load_vlm_for_generation(model, device, adapter)
     else:
         lm, tokenizer = load_for_generation(model, adapter, device)
     typer.echo(f"chatting with {model}; /reset clears the conversation, /exit or Ctrl-D quits", err=True)

@@ -19,12 +19,17 @@ def sft(
     out: Path | None = OUT,
     resume: bool = RESUME,
 ) -> None:
-    """Fine-tune a model on instruction data with LoRA, QLoRA or full training, as a recipe says."""
+    """Fine-tune a model on instruction data with LoRA, QLoRA or full training, as a recipe says. A VLM (from
+    `seshu vlm build`) trains on conversations with images and audio (LLaVA's or LLaMA-Factory's records)."""
     from seshu.config import SFTRecipe, load_recipe
-    from seshu.train.sft import run
+    from seshu.multimodal.generate import is_vlm
 
     quiet_libraries()
     recipe = load_recipe(SFTRecipe, config, recipe_overrides(overrides, out))
+    if recipe.model.init_from and is_vlm(recipe.model.init_from):
+        from seshu.multimodal.sft import run
+    else:
+        from seshu.train.sft import run
     result = run(recipe, resume=resume, log=typer.echo)
     loss = result.metrics.get("eval_loss")
     summary = f"answer-only validation loss {loss:.4f}; " if loss is not None else ""

@@ -40,6 +40,7 @@ __all__ = [
     "ensure_chat_template",
     "labels_from_mask",
     "read_conversations",
+    "read_record_conversations",
     "tokenize_conversation",
     "validate_conversation",
 ]
@@ -94,6 +95,21 @@ def read_conversations(
     and record, or with `on_error="skip"` is counted in `stats` and passed over. The path and the format
     name are checked at call time, before any record is read.
     """
+    pairs = read_record_conversations(path, format=format, on_error=on_error, split=split, name=name, stats=stats)
+    return (conversation for _, conversation in pairs)
+
+
+def read_record_conversations(
+    path: str,
+    *,
+    format: str = "auto",
+    on_error: Literal["raise", "skip"] = "raise",
+    split: str = "train",
+    name: str | None = None,
+    stats: InstructionStats | None = None,
+) -> Iterator[tuple[SourceRecord, list[Message]]]:
+    """`read_conversations`, each conversation with the record it came from (whose other fields, such as a
+    multimodal record's images, the caller may need)."""
     if format != "auto" and format not in FORMATS:
         raise UserError(f"unknown instruction format {format!r}: choose auto or one of {', '.join(FORMATS)}")
     if on_error not in ("raise", "skip"):
@@ -104,7 +120,7 @@ def read_conversations(
 
 def _conversations(
     records: Iterator[SourceRecord], path: str, format: str, on_error: str, stats: InstructionStats
-) -> Iterator[list[Message]]:
+) -> Iterator[tuple[SourceRecord, list[Message]]]:
     formats: dict[str, InstructionFormat] = {}  # source -> its format, detected from its first good record
     read = usable = 0  # this pass's own counts: `stats` may be shared by several passes
     first_error: str | None = None
@@ -124,7 +140,8 @@ def _conversations(
             continue
         usable += 1
         stats.conversations += len(conversations)
-        yield from conversations
+        for conversation in conversations:
+            yield record, conversation
     if not usable:
         # Every record was skipped: training on nothing would only fail later, and less clearly.
         raise UserError(f"{path}: none of its {read} records is usable; the first error: {first_error}")

@@ -55,13 +55,18 @@ def _defines_model(name: str) -> bool:
 
 
 def usage_snippet(*, base: str | None = None, vision: bool = False) -> str:
-    """The markdown code block a card shows to load the artifact with plain transformers: a whole model, a
-    vision-language model (`vision`), or (given the base it was trained on) a peft adapter applied to that base."""
+    """The markdown code block a card shows to load the artifact with plain transformers: a whole model or a
+    vision-language model (`vision`), or (given the `base` it was trained on) a peft adapter applied to it."""
     if vision:
+        load = "LlavaForConditionalGeneration.from_pretrained"
         code = (
             "from PIL import Image\nfrom transformers import AutoProcessor, LlavaForConditionalGeneration\n"
-            "model = LlavaForConditionalGeneration.from_pretrained(PATH)\n"
-            "processor = AutoProcessor.from_pretrained(PATH)\n"
+            + (
+                f"model = {load}(PATH)\n"
+                if base is None
+                else f"from peft import PeftModel\nmodel = PeftModel.from_pretrained({load}({base!r}), PATH)\n"
+            )
+            + "processor = AutoProcessor.from_pretrained(PATH)\n"
             'inputs = processor(images=Image.open("photo.jpg"), text="<image>\\nWhat is in the picture?", '
             'return_tensors="pt")\n'
             "print(processor.decode(model.generate(**inputs, max_new_tokens=40)[0]))\n"

@@ -5,7 +5,8 @@ The federation receives adapters from strangers, and every Seshu command that ta
 safetensors only, a config that peft understands field by field, finite values, and (in `apply_adapter`) every
 tensor matched by name and shape against what the config makes of the base, so that an adapter for another base
 fails with the tensor's name before anything is computed or written. `load_with_adapter` is the whole path from
-two folders to a model in eval mode; `load_adapter` applies an adapter to a model already loaded.
+two folders to a model in eval mode, a text model or a VLM (`seshu vlm build`'s LLaVA, with its processor);
+`load_adapter` applies an adapter to a model already loaded.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from seshu.errors import UserError, first_line
 
 if TYPE_CHECKING:
     from peft import PeftConfig, PeftModel
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import LlavaProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -36,6 +37,12 @@ MAX_WEIGHTS_BYTES = 4 << 30
 MAX_CONFIG_BYTES = 1 << 20
 # Task types that wrap a causal LM the way `seshu sft` trains it; others (classification heads) do not apply here.
 _CAUSAL_TASK_TYPES = (None, "CAUSAL_LM")
+# The parts of transformers' LLaVA: an adapter trained on a VLM names its tensors under them (LoRA on the LM under
+# `language_model`, a trained projector under `multi_modal_projector`), one trained on a text model never does.
+# peft records the base's class only for adapters without a task type, so the names are what tells the two apart.
+_VLM_PARTS = frozenset({"language_model", "multi_modal_projector", "vision_tower"})
+# What `LlavaProcessor.save_pretrained` writes besides the tokenizer (the second is the older layout's).
+_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -180,8 +187,9 @@ def apply_adapter(model: PreTrainedModel, files: AdapterFiles, base: str) -> Pef
             # The adapter's recorded base path rarely matches this machine's; cards keep it as `trained_on`.
             warnings.filterwarnings("ignore", message=r".*base_model_name_or_path.*was renamed")
             peft_model = get_peft_model(model, files.config)
-    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
-        # e.g. "Target modules {'c_attn'} not found in the base model": the adapter is for another architecture.
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        # e.g. "Target modules {'c_attn'} not found in the base model": the adapter is for another architecture;
+        # IndexError: trainable_token_indices beyond the base's vocabulary.
         raise UserError(f"{where}: does not fit {base}: {first_line(exc)}") from None
     # save_embedding_layers=False: "auto" would ask the Hub whether the vocabulary was resized.
     expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
@@ -206,13 +214,32 @@ def load_adapter(model: PreTrainedModel, path: str | Path, base: str, *, max_byt
     return apply_adapter(model, read_adapter(path, max_bytes=max_bytes), base)
 
 
+def _trained_on_vlm(files: AdapterFiles) -> bool:
+    """Whether the adapter's tensors are named after a LLaVA model's parts (see `_VLM_PARTS`)."""
+    return any(not _VLM_PARTS.isdisjoint(name.split(".")) for name in files.tensors)
+
+
+def check_adapter_kind(files: AdapterFiles, vlm: bool, base: str) -> None:
+    """An adapter trained on a VLM needs a VLM base (`vlm`), one trained on a text model a text model: the other
+    way round no tensor name would match, and the error would not say why."""
+    if _trained_on_vlm(files) == vlm:
+        return
+    trained, given = ("a text model", "a VLM") if vlm else ("a VLM", "a text model")
+    raise UserError(
+        f"{files.path}: the adapter was trained on {trained}, but {base} is {given}; "
+        "give the base model it was trained on"
+    )
+
+
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """A base model with an adapter applied, the tokenizer to use with it, and the adapter's checked files."""
+    """A base model with an adapter applied, the tokenizer to use with it, and the adapter's checked files; for
+    a VLM base also its processor (whose tokenizer `tokenizer` is), None for a text model."""
 
     model: PeftModel
     tokenizer: PreTrainedTokenizerBase
     files: AdapterFiles
+    processor: LlavaProcessor | None = None
 
 
 def load_with_adapter(
@@ -223,21 +250,54 @@ def load_with_adapter(
     device: str | None = None,
     max_bytes: int | None = None,
 ) -> LoadedAdapter:
-    """The model `base` (folder or Hub id; `dtype`, `device` as `load_causal_lm` takes them) with the adapter
-    folder `adapter` applied by `apply_adapter`.
+    """The model `base` (folder or Hub id; `dtype`, `device` as `load_causal_lm` takes them; a VLM folder from
+    `seshu vlm build` loads as LLaVA with its processor) with the adapter folder `adapter` applied by
+    `apply_adapter`.
 
-    The adapter is read and checked before the model loads, so a bad adapter fails in a second. An adapter
-    folder that ships its own tokenizer wins over the base's, because fine-tuning may have changed its chat
-    template; it must still fit the base's embeddings.
+    The adapter is read and checked before the model loads, so a bad adapter, or one trained on a VLM given a
+    text model or the reverse, fails in a second. An adapter folder that ships its own tokenizer (for a VLM: its
+    own processor) wins over the base's, because fine-tuning may have changed its chat template; it must still
+    fit the base's embeddings.
     """
     # Imported here: `seshu merge` reads adapters too, and merging needs neither transformers nor peft.
-    from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
+    from seshu.models.loading import check_vocab_fits, embedding_rows
+    from seshu.multimodal.loading import is_vlm
     from seshu.tokenizer import load_tokenizer
 
     files = read_adapter(adapter, max_bytes=max_bytes)
-    model, tokenizer = load_causal_lm(base, dtype=dtype, device=device)
+    vlm = is_vlm(base)
+    check_adapter_kind(files, vlm, base)
+    model, tokenizer, processor = _load_base(base, vlm, dtype, device)
     peft_model = apply_adapter(model, files, base)
-    if (files.path / "tokenizer_config.json").is_file():
+    if processor is not None and any((files.path / name).is_file() for name in _PROCESSOR_FILES):
+        processor = _load_processor(files.path)
+        tokenizer = processor.tokenizer
+        check_vocab_fits(tokenizer, embedding_rows(model), str(files.path))
+    elif processor is None and (files.path / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(str(files.path))
         check_vocab_fits(tokenizer, embedding_rows(model), str(files.path))
-    return LoadedAdapter(model=peft_model, tokenizer=tokenizer, files=files)
+    return LoadedAdapter(model=peft_model, tokenizer=tokenizer, files=files, processor=processor)
+
+
+def _load_base(
+    base: str, vlm: bool, dtype: str | None, device: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, LlavaProcessor | None]:
+    """The base model in eval mode with its tokenizer, and its processor when it is a VLM (`vlm`)."""
+    from seshu.models.loading import load_causal_lm
+    from seshu.multimodal.loading import load_vlm
+
+    if not vlm:
+        return (*load_causal_lm(base, dtype=dtype, device=device), None)
+    model, processor = load_vlm(base, dtype=dtype)
+    if device:
+        model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() as dtype-only
+    return model.eval(), processor.tokenizer, processor
+
+
+def _load_processor(path: Path) -> LlavaProcessor:
+    from transformers import LlavaProcessor
+
+    try:
+        return LlavaProcessor.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise UserError(f"{path}: cannot load the processor the adapter ships: {first_line(exc)}") from None

@@ -1,9 +1,12 @@
-"""Fold a PEFT adapter into its base model: one standalone model that loads with plain `AutoModelForCausalLM`.
+"""Fold a PEFT adapter into its base model: one standalone model that loads with plain `AutoModelForCausalLM`, or
+for a VLM (`seshu vlm build`'s LLaVA) with `LlavaForConditionalGeneration` and `AutoProcessor`.
 
 `fold_adapter` is `seshu adapters fold`. It loads the base in float32, applies the adapter unmerged (the forward
 pass it was trained with), takes reference logits on a few fixed inputs, merges, casts to the output dtype and
 takes the logits again from the weights as they will be saved. The fold is written only when the two agree
-within the dtype's tolerance; the figures go into the model card.
+within the dtype's tolerance; the figures go into the model card. A VLM is also checked on an input with an
+image's positions, so that what the adapter does to the projector (trained whole, as `modules_to_save`) and to
+the LM reading the image is checked too.
 
 The adapter is read, checked and applied by `seshu.merge.adapters.load_with_adapter` (it is untrusted input), which
 matches every tensor by name and shape against what the config makes of the base.
@@ -13,12 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from seshu.chat import encode_prompt
 from seshu.errors import UserError, first_line
@@ -52,6 +56,14 @@ DEFAULT_CHECK_TEXTS: tuple[str, ...] = (
     "def add(a, b):\n    return a + b\n",
 )
 RANDOM_CHECK_TOKENS = 32
+# The adapter's config fields the card records: what it changes and how.
+_CARD_SETTINGS = (
+    "peft_type", "r", "lora_alpha", "target_modules", "target_parameters", "modules_to_save", "use_dora", "use_rslora"
+)  # fmt: skip
+
+# One input of the check: token ids, or the model's keyword inputs (input_ids of shape [1, n], and for a VLM the
+# pixel_values of its image).
+CheckInput = list[int] | Mapping[str, torch.Tensor]
 
 
 class FoldMismatchError(RuntimeError):
@@ -64,9 +76,10 @@ class LogitCheck:
 
     inputs: int
     tokens: int
+    images: int  # inputs that go through a VLM's vision tower and projector
     max_abs_diff: float
     relative_error: float  # ||folded - reference|| / ||reference|| over all positions and the vocabulary
-    position_error_p90: float  # the verdict: 90th percentile of the per-position relative errors
+    position_error_p90: float  # the verdict: 90th percentile of the per-position relative errors (`grouped_p90`)
     tolerance: float
     adapter_effect: float  # the same percentile between base and base + adapter: how much the adapter does
 
@@ -97,22 +110,51 @@ class FoldReport:
 
 
 def check_inputs(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], vocab_size: int, seed: int = 0
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    vocab_size: int,
+    seed: int = 0,
+    reserved: Sequence[int] = (),
 ) -> list[list[int]]:
-    """Token ids of `texts` (each as a document starts: [bos] text), plus one seeded random sequence."""
+    """Token ids of `texts` (each as a document starts: [bos] text), plus one seeded random sequence of ids below
+    `vocab_size` that are not `reserved` (a VLM's image token, which needs an image's pixels)."""
     inputs = [encode_prompt(tokenizer, text) for text in texts]
     generator = torch.Generator().manual_seed(seed)
-    inputs.append(torch.randint(0, vocab_size, (RANDOM_CHECK_TOKENS,), generator=generator).tolist())
+    ids = torch.arange(vocab_size)
+    allowed = ids[~torch.isin(ids, torch.tensor(list(reserved), dtype=torch.long))]
+    inputs.append(allowed[torch.randint(0, len(allowed), (RANDOM_CHECK_TOKENS,), generator=generator)].tolist())
     return inputs
 
 
+def image_check_input(config: PretrainedConfig, ids: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A LLaVA input through the vision tower and projector: the image token `image_seq_length` times (one image,
+    as the processor expands `<image>`), then `ids`, with seeded pixel values. Their size is the vision tower's
+    `image_size`, which is what the processor resizes to; normalised pixels are roughly standard normal."""
+    vision = config.vision_config
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(1, vision.num_channels, vision.image_size, vision.image_size, generator=generator)
+    image = [int(config.image_token_id)] * int(config.image_seq_length)
+    return {"input_ids": torch.tensor([image + ids]), "pixel_values": pixels}
+
+
+def _input_tokens(item: CheckInput) -> int:
+    return int(item["input_ids"].shape[-1]) if isinstance(item, Mapping) else len(item)
+
+
+def _has_image(item: CheckInput) -> bool:
+    return isinstance(item, Mapping) and "pixel_values" in item
+
+
 @torch.inference_mode()
-def model_logits(model: Any, inputs: list[list[int]]) -> list[torch.Tensor]:
+def model_logits(model: Any, inputs: Sequence[CheckInput]) -> list[torch.Tensor]:
     """float32 logits of each input, one sequence at a time (no padding: Mamba has no attention mask)."""
     device = next(model.parameters()).device
-    return [
-        model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0].float().cpu() for ids in inputs
-    ]
+    logits = []
+    for item in inputs:
+        kwargs = item if isinstance(item, Mapping) else {"input_ids": torch.tensor([item])}
+        out = model(**{name: value.to(device) for name, value in kwargs.items()}, use_cache=False)
+        logits.append(out.logits[0].float().cpu())
+    return logits
 
 
 @dataclass(frozen=True)
@@ -132,6 +174,15 @@ def compare_logits(reference: list[torch.Tensor], candidate: list[torch.Tensor])
         relative=float(_ratio(diff.norm(), ref.norm())),
         position_p90=float(torch.quantile(per_position, 0.9)),
     )
+
+
+def grouped_p90(reference: list[torch.Tensor], candidate: list[torch.Tensor], inputs: Sequence[CheckInput]) -> float:
+    """`compare_logits`' 90th percentile over the positions of the inputs without an image, and apart over those
+    with one: the larger. A projector folded wrong moves only the positions that read an image, and among the
+    positions of all inputs those may be fewer than a tenth."""
+    groups = [[n for n, item in enumerate(inputs) if _has_image(item) is image] for image in (False, True)]
+    p90s = [compare_logits([reference[n] for n in g], [candidate[n] for n in g]).position_p90 for g in groups if g]
+    return float(torch.tensor(p90s).max())  # NaN if either is: a verdict that fails
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -154,7 +205,8 @@ def fold_adapter(
     """Fold the adapter folder `adapter` into the model `base` (folder or Hub id) and write the result to `out`.
 
     The output holds safetensors weights in `dtype`, config, generation config, the tokenizer (the adapter's when
-    it ships one, since fine-tuning may have changed its chat template, else the base's) and a model card.
+    it ships one, since fine-tuning may have changed its chat template, else the base's) and a model card. A VLM
+    base gives a LLaVA folder with the processor (again the adapter's when it ships one).
     Raises `UserError` for bad input and `FoldMismatchError` when the folded logits stray beyond
     `TOLERANCES[dtype]`; either way nothing is written.
     """
@@ -164,9 +216,9 @@ def fold_adapter(
     check_replaceable_output(out, [base, adapter], (CARD_COMMAND,), "a folded model")
     # float32 for the fold itself: merging into a 16-bit base would round W + BA twice.
     loaded = load_with_adapter(base, adapter, dtype="float32", device="cpu")
-    peft_model, tokenizer, files = loaded.model, loaded.tokenizer, loaded.files
-    vocab = embedding_rows(cast(PreTrainedModel, peft_model.get_base_model()))
-    inputs = check_inputs(tokenizer, list(check_prompts or DEFAULT_CHECK_TEXTS), vocab)
+    peft_model, files, vlm = loaded.model, loaded.files, loaded.processor is not None
+    base_model = cast(PreTrainedModel, peft_model.get_base_model())
+    inputs = _fold_check_inputs(base_model, loaded.tokenizer, list(check_prompts or DEFAULT_CHECK_TEXTS), vlm)
     reference = model_logits(peft_model, inputs)
     with peft_model.disable_adapter():
         base_logits = model_logits(peft_model, inputs)
@@ -184,31 +236,43 @@ def fold_adapter(
         folded.to(target)
         _check_finite_weights(folded, dtype)
         folded.to(torch.float32)
-    diff = compare_logits(reference, model_logits(folded, inputs))
+    candidate = model_logits(folded, inputs)
+    diff = compare_logits(reference, candidate)
     check = LogitCheck(
         inputs=len(inputs),
-        tokens=sum(len(ids) for ids in inputs),
+        tokens=sum(map(_input_tokens, inputs)),
+        images=sum(map(_has_image, inputs)),
         max_abs_diff=diff.max_abs,
         relative_error=diff.relative,
-        position_error_p90=diff.position_p90,
+        position_error_p90=grouped_p90(reference, candidate, inputs),
         tolerance=TOLERANCES[dtype],
-        adapter_effect=compare_logits(base_logits, reference).position_p90,
+        adapter_effect=grouped_p90(base_logits, reference, inputs),
     )
     if not check.passed:
         raise FoldMismatchError(
-            f"the folded model does not reproduce {base} + {adapter}: its logits are off by {diff.position_p90:.3g} "
-            f"(relative, 90th percentile of positions), above the {dtype} tolerance {check.tolerance:g}; "
-            "nothing was written"
+            f"the folded model does not reproduce {base} + {adapter}: its logits are off by "
+            f"{check.position_error_p90:.3g} (relative, 90th percentile of positions), above the {dtype} tolerance "
+            f"{check.tolerance:g}; nothing was written"
         )
     folded.to(target)  # exact: every value came from `target` in the first place
 
     parameters = count_parameters(folded)
-    card = _card(base, files, dtype, folded, check, parameters)
+    card = _card(base, files, dtype, folded, check, parameters, vision=vlm)
     with staged_dir(out) as tmp:
         folded.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        (loaded.processor or loaded.tokenizer).save_pretrained(str(tmp))
         (tmp / "README.md").write_text(card, encoding="utf-8")
     return FoldReport(out=out, dtype=dtype, parameters=parameters, check=check)
+
+
+def _fold_check_inputs(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: list[str], vlm: bool
+) -> list[CheckInput]:
+    """`check_inputs`, and for a VLM (`vlm`) one more: an image, then the first text."""
+    if not vlm:
+        return [*check_inputs(tokenizer, texts, embedding_rows(model))]
+    ids = check_inputs(tokenizer, texts, embedding_rows(model), reserved=[model.config.image_token_id])
+    return [*ids, image_check_input(model.config, ids[0])]
 
 
 def _check_finite_weights(model: PreTrainedModel, dtype: str) -> None:
@@ -221,19 +285,22 @@ def _check_finite_weights(model: PreTrainedModel, dtype: str) -> None:
 
 
 def _card(
-    base: str, files: AdapterFiles, dtype: str, model: PreTrainedModel, check: LogitCheck, parameters: int
+    base: str,
+    files: AdapterFiles,
+    dtype: str,
+    model: PreTrainedModel,
+    check: LogitCheck,
+    parameters: int,
+    *,
+    vision: bool,
 ) -> str:
     raw = files.raw_config
-    settings = {
-        key: raw[key]
-        for key in ("peft_type", "r", "lora_alpha", "target_modules", "target_parameters", "use_dora", "use_rslora")
-        if raw.get(key) is not None
-    }
+    settings = {key: raw[key] for key in _CARD_SETTINGS if raw.get(key) is not None}
     adapter_files = [files.path / ADAPTER_WEIGHTS, files.path / ADAPTER_CONFIG]
     local_base = Path(base).exists()
     metadata: dict[str, Any] = {
         "library_name": "transformers",
-        "pipeline_tag": "text-generation",
+        "pipeline_tag": "image-text-to-text" if vision else "text-generation",
         # The Hub's base_model field takes a Hub id; a local folder is recorded under `seshu` only.
         **({} if local_base else {"base_model": base}),
         "tags": ["seshu", model.config.model_type, "folded-adapter"],
@@ -252,14 +319,15 @@ def _card(
             "inputs": describe_inputs([base, *map(str, adapter_files)]),
         },
     }
+    images = f", {check.images} with an image" if check.images else ""
     body = (
         f"`{base}` with the adapter `{files.path}` folded into its weights ({parameters:,} parameters, {dtype}), "
         "made with `seshu adapters fold`.\n\n"
-        f"Check: on {check.inputs} inputs ({check.tokens} tokens) the folded model's logits differ from the base "
-        f"model with the unmerged adapter (float32) by at most {check.max_abs_diff:.3g} "
+        f"Check: on {check.inputs} inputs ({check.tokens} tokens{images}) the folded model's logits differ from the "
+        f"base model with the unmerged adapter (float32) by at most {check.max_abs_diff:.3g} "
         f"(relative error {check.relative_error:.3g} overall, {check.position_error_p90:.3g} at the 90th percentile "
         f"of positions; tolerance for {dtype}: {check.tolerance:g}). The adapter itself moves the logits by "
         f"{check.adapter_effect:.3g} (relative, 90th percentile).\n\n"
-        f"{usage_snippet()}"
+        f"{usage_snippet(vision=vision)}"
     )
     return render_card(f"{Path(base).name} + {files.path.name}", metadata, body)

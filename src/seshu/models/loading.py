@@ -15,6 +15,15 @@ from seshu.tokenizer import load_tokenizer
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(dtype: str | None) -> torch.dtype | str:
+    """The torch dtype named `dtype` (a key of `DTYPES`), or "auto" (as saved) for None; `UserError` otherwise."""
+    if dtype is None:
+        return "auto"
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
 def check_model_dir(path: str) -> None:
     """A local model folder must exist, hold a config and safetensors weights; Hub ids pass through."""
     if is_hub_id(path):
@@ -50,13 +59,11 @@ def load_causal_lm(
     path: str, *, dtype: str | None = None, device: str | None = None, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A causal LM and its tokenizer, safetensors only, in eval mode."""
-    if dtype is not None and dtype not in DTYPES:
-        raise UserError(f"unknown dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    weights_dtype = torch_dtype(dtype)
     check_model_dir(path)
     tokenizer = load_tokenizer(path)
-    torch_dtype = DTYPES[dtype] if dtype else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights_dtype, use_safetensors=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load the model: {first_line(exc)}") from None
     check_vocab_fits(tokenizer, embedding_rows(model), path)

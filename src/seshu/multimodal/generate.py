@@ -9,10 +9,9 @@ with it; the answer streams the same way a text model's does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -21,34 +20,20 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrain
 from seshu.chat import chat_prompt, end_of_turn_ids
 from seshu.errors import UserError, first_line
 from seshu.generate import Encoder, SamplingOptions, chat_loop, generate_text
-from seshu.hub.ids import is_hub_id
 from seshu.models.loading import default_device
 from seshu.multimodal.audio import load_audio
 from seshu.multimodal.images import load_image
+from seshu.multimodal.loading import is_vlm
 from seshu.multimodal.speech import Transcriber, bundled_model
 from seshu.train.common import silent
 
-VLM_MODEL_TYPE = "llava"
+if TYPE_CHECKING:
+    from peft import PeftModel  # seconds to import: `seshu generate` on a bare VLM never needs it
 
 
-def is_vlm(model: str) -> bool:
-    """Whether the local folder `model` holds a LLaVA model; a Hub id or a folder without a readable config is
-    left to the text model's loader, which says what is wrong with it."""
-    config = Path(model).expanduser() / "config.json"
-    if is_hub_id(model) or not config.is_file():
-        return False
-    try:
-        return bool(json.loads(config.read_text(encoding="utf-8")).get("model_type") == VLM_MODEL_TYPE)
-    except (OSError, ValueError):
-        return False
-
-
-def check_media(model: str, image: str | None, audio: str | None, adapter: str | None = None) -> bool:
-    """True when `model` is a VLM (`UserError` with an adapter: not supported on one yet); for a text-only model, a
-    `UserError` if an image or audio was given."""
+def check_media(model: str, image: str | None, audio: str | None) -> bool:
+    """True when `model` is a VLM; for a text-only model, a `UserError` if an image or audio was given."""
     if is_vlm(model):
-        if adapter is not None:
-            raise UserError(f"{model} is a VLM; --adapter applies to text models; fold the adapter into the VLM first")
         return True
     for flag, given in (("--image", image), ("--audio", audio)):
         if given is not None:
@@ -101,6 +86,23 @@ def user_turn(instruction: str, media: Media, image_token: str) -> str:
     return f"{image}{spoken}{instruction}"
 
 
+def vlm_inputs(processor: LlavaProcessor, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """The VLM's inputs for rendered `prompts`: each `<image>` expanded to the vision tower's positions, `images`
+    in the order of the prompts' `<image>` tokens, several prompts left-padded (generation continues every row
+    from the same last column)."""
+    # No special tokens added: the chat template writes them, as in training (`apply_chat_template`). One prompt
+    # is not padded, so a tokenizer without a pad token (Phi-2's) still encodes it.
+    inputs = processor(
+        text=prompts,
+        images=images or None,
+        return_tensors="pt",
+        add_special_tokens=False,
+        padding=len(prompts) > 1,
+        padding_side="left",
+    )
+    return dict(inputs)
+
+
 def vlm_encoder(processor: LlavaProcessor, image: Image.Image | None) -> Encoder:
     """Prompt -> the VLM's inputs: `<image>` expanded to the vision tower's positions, with the image's pixels
     when the prompt still holds its token (a long chat may have dropped the turn that had it)."""
@@ -111,10 +113,7 @@ def vlm_encoder(processor: LlavaProcessor, image: Image.Image | None) -> Encoder
         if count > (image is not None):
             given = "one image was" if image is not None else "no image was"
             raise UserError(f"the prompt holds {token} {count} times, and {given} given; remove the extra {token}")
-        # No special tokens added: the chat template writes them, as in training (`apply_chat_template`).
-        inputs = processor(
-            text=prompt, images=[image] if count else None, return_tensors="pt", add_special_tokens=False
-        )
+        inputs = vlm_inputs(processor, [prompt], [image] if count and image is not None else [])
         return {name: value for name, value in inputs.items() if name != "attention_mask"}
 
     return encode
@@ -122,7 +121,7 @@ def vlm_encoder(processor: LlavaProcessor, image: Image.Image | None) -> Encoder
 
 @dataclass
 class LoadedVLM:
-    model: LlavaForConditionalGeneration
+    model: LlavaForConditionalGeneration | PeftModel
     processor: LlavaProcessor
 
     @property
@@ -137,11 +136,20 @@ class LoadedVLM:
         return chat_prompt(self.tokenizer, messages)
 
 
-def load_vlm_for_generation(model: str, device: str | None = None) -> LoadedVLM:
-    """The VLM folder `model` (safetensors only) and its processor, on `device`, in eval mode."""
+def load_vlm_for_generation(model: str, device: str | None = None, adapter: str | None = None) -> LoadedVLM:
+    """The VLM folder `model` (safetensors only) and its processor, on `device`, in eval mode; with the adapter
+    folder `adapter` (from `seshu sft` on the VLM) applied unmerged, and its processor, when given."""
     from seshu.multimodal.loading import load_vlm
 
-    vlm, processor = load_vlm(model)
+    vlm: LlavaForConditionalGeneration | PeftModel
+    if adapter is None:
+        vlm, processor = load_vlm(model)
+    else:
+        from seshu.merge.adapters import load_with_adapter  # peft is slow to import: only when asked for
+
+        loaded = load_with_adapter(model, adapter, dtype="float32", device=device)
+        assert loaded.processor is not None  # a VLM base always comes with its processor
+        vlm, processor = loaded.model, loaded.processor
     tokenizer = processor.tokenizer
     if not tokenizer.chat_template and processor.chat_template:  # saved with the processor only
         tokenizer.chat_template = processor.chat_template

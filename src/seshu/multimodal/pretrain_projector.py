@@ -17,40 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import torch
 from transformers import (
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 
-from seshu.data.instructions import tokenize_conversation
 from seshu.data.mixing import is_validation
-from seshu.data.pipeline import cached_rows, sources_state, state_digest, tokenizer_state
+from seshu.data.pipeline import cached_rows, state_digest
 from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.registry import count_parameters
 from seshu.multimodal.config import CaptionSource, VLMPretrainRecipe
-from seshu.multimodal.images import load_image
 from seshu.multimodal.loading import load_vlm
 from seshu.multimodal.records import CaptionRecord, read_caption_records, record_key
+from seshu.multimodal.rows import ROW_FEATURES, check_image_tokens, conversation_row, media_trainer, rows_state
 from seshu.train.common import silent
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 CARD_COMMAND = "vlm pretrain-projector"
-IGNORE = -100  # the label transformers' loss skips
-
-ROW_FEATURES = datasets.Features(
-    {
-        "input_ids": datasets.List(datasets.Value("int32")),
-        "labels": datasets.List(datasets.Value("int32")),
-        "images": datasets.List(datasets.Value("string")),
-        "record": datasets.Value("string"),
-    }
-)
 
 
 @dataclass
@@ -84,26 +69,10 @@ def freeze_all_but_projector(model: LlavaForConditionalGeneration) -> int:
 def caption_row(
     tokenizer: PreTrainedTokenizerBase, record: CaptionRecord, image_token_id: int, image_tokens: int, seq_len: int
 ) -> dict[str, Any] | None:
-    """`input_ids` and `labels` of one record: the chat-rendered prompt and caption, each `<image>` expanded to
-    the `image_tokens` positions its features fill, labels -100 but on the caption. Cut to `seq_len`; None when no
-    caption token fits after the prompt."""
+    """The training row of one caption record: its prompt as the user turn, its caption as the answer (see
+    `conversation_row`)."""
     messages = [{"role": "user", "content": record.prompt}, {"role": "assistant", "content": record.caption}]
-    row = tokenize_conversation(tokenizer, messages)
-    ids: list[int] = []
-    labels: list[int] = []
-    for token, learn in zip(row["input_ids"], row["assistant_masks"], strict=True):
-        copies = image_tokens if token == image_token_id else 1
-        ids += [token] * copies
-        labels += [token if learn else IGNORE] * copies
-    if ids[:seq_len].count(image_token_id) != image_tokens * len(record.images):
-        raise UserError(
-            f"train.seq_len: {seq_len} tokens cannot hold {record.where}'s prompt with "
-            f"{image_tokens * len(record.images)} image positions; raise train.seq_len"
-        )
-    labels = labels[:seq_len]
-    if all(label == IGNORE for label in labels):
-        return None
-    return {"input_ids": ids[:seq_len], "labels": labels, "images": list(record.images), "record": record.where}
+    return conversation_row(tokenizer, messages, record.images, record.where, image_token_id, image_tokens, seq_len)
 
 
 def _records(recipe: VLMPretrainRecipe, sources: list[CaptionSource]) -> Iterator[CaptionRecord]:
@@ -140,16 +109,7 @@ def build_datasets(
         pass
     splits = []
     for split in ("train", "validation"):
-        state = {
-            "split": split,
-            "data": recipe.data.model_dump(mode="json"),
-            "sources": sources_state(recipe.data),
-            "tokenizer": tokenizer_state(tokenizer),
-            "template": tokenizer.chat_template,
-            "image": [image_token_id, image_tokens],
-            "seq_len": recipe.train.seq_len,
-            "seed": recipe.train.seed,
-        }
+        state = rows_state(recipe, tokenizer, split, image_token_id, image_tokens)
         gen_kwargs = {
             "recipe": recipe,
             "tokenizer": tokenizer,
@@ -162,34 +122,6 @@ def build_datasets(
             raise UserError(f"data: the {split} split has no image-caption record; add records")
         splits.append(ds)
     return splits[0], splits[1]
-
-
-class CaptionCollator:
-    """Pads a batch of rows (labels with -100) and reads their images into `pixel_values`, in the order of the
-    `<image>` positions."""
-
-    def __init__(self, processor: LlavaProcessor, pad_id: int) -> None:
-        self.image_processor = processor.image_processor
-        self.pad_id = pad_id
-
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        width = max(len(row["input_ids"]) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        images = []
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            labels[i, :n] = torch.tensor(row["labels"])
-            mask[i, :n] = 1
-            for path in row["images"]:
-                try:
-                    images.append(load_image(path))
-                except UserError as exc:
-                    raise UserError(f"{row['record']}: {exc}") from None
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": pixels}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,6 +170,7 @@ def run(
     validation caption loss. Progress goes to `log`, one line at a time."""
     check_run(recipe, resume)
     model, processor = load_vlm(recipe.model.init_from)
+    check_image_tokens(processor, model.config, recipe.model.init_from)
     tokenizer = processor.tokenizer
     trainable = freeze_all_but_projector(model)
     total = count_parameters(model)
@@ -255,21 +188,11 @@ def run(
             f"{image_tokens} positions per image"
         )
 
-    def make_trainer(
-        args: dict[str, Any], train: TrainData, validation: datasets.Dataset, hooks: list[TrainerCallback]
-    ) -> Trainer:
-        return Trainer(
-            model=model,
-            args=TrainingArguments(**args),
-            data_collator=CaptionCollator(processor, pad_id),
-            train_dataset=train,
-            eval_dataset=validation,
-            callbacks=hooks,
-        )
-
     def result(done: Finished) -> ProjectorResult:
         assert isinstance(done.train_dataset, datasets.Dataset)
         return ProjectorResult(done.output_dir, done.metrics, trainable, total, done.steps, len(done.train_dataset))
 
-    job = Job(processor, build, describe, make_trainer, lambda done: _card(recipe, result(done)))
+    job = Job(
+        processor, build, describe, media_trainer(model, processor, pad_id), lambda done: _card(recipe, result(done))
+    )
     return result(run_job(recipe, job, resume=resume, callbacks=callbacks, log=log))

@@ -16,8 +16,16 @@ from seshu.models.registry import arch_of
 ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, Conv1D)
 
 
-def lora_config(lora: LoraSection, model: PreTrainedModel, key: str) -> LoraConfig:
-    """`lora`'s settings, with target modules (and fused expert parameters) from the registry by default."""
+def lora_config(
+    lora: LoraSection,
+    model: PreTrainedModel,
+    key: str,
+    exclude_modules: str | None = None,
+    modules_to_save: list[str] | None = None,
+) -> LoraConfig:
+    """`lora`'s settings, with target modules (and fused expert parameters) from the registry by default (a
+    composite model's from its language model's architecture). `exclude_modules` (a regex on module paths) keeps
+    LoRA out of parts of the model; `modules_to_save` train whole and are saved with the adapter."""
     default_modules, default_params = _defaults(model.config)
     modules = lora.target_modules if lora.target_modules is not None else default_modules
     params = lora.target_parameters if lora.target_parameters is not None else default_params
@@ -35,13 +43,15 @@ def lora_config(lora: LoraSection, model: PreTrainedModel, key: str) -> LoraConf
         target_parameters=params or None,
         use_dora=lora.use_dora,
         use_rslora=lora.use_rslora,
+        exclude_modules=exclude_modules,
+        modules_to_save=modules_to_save,
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
 def _defaults(config: PretrainedConfig) -> tuple[list[str], list[str]]:
-    spec = arch_of(config)
+    spec = arch_of(config.get_text_config())
     return (list(spec.lora_modules), list(spec.lora_parameters)) if spec else ([], [])
 
 
@@ -93,13 +103,30 @@ def check_every_target_is_called(model: PeftModel, key: str, has: str) -> None:
         )
 
 
+def _token_layers(model: PreTrainedModel) -> list[str]:
+    """The names of the layers that hold a row per token: the input embeddings, and an untied head too (the
+    head's row of a new token is what makes the model say it, so it must train as well)."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    layers = [embeddings] if head is None or head.weight is embeddings.weight else [embeddings, head]
+    names = {id(module): name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    return [names[id(layer)] for layer in layers]
+
+
 def apply_lora(
-    model: PreTrainedModel, lora: LoraSection, key: str, new_token_ids: int | list[int] | None = None
+    model: PreTrainedModel,
+    lora: LoraSection,
+    key: str,
+    new_token_ids: int | list[int] | None = None,
+    *,
+    exclude_modules: str | None = None,
+    modules_to_save: list[str] | None = None,
 ) -> PeftModel:
-    """`model` wrapped with fresh LoRA adapters (and trainable rows for `new_token_ids`), every target checked."""
-    config = lora_config(lora, model, key)
+    """`model` wrapped with fresh LoRA adapters (and trainable rows for `new_token_ids`), every target checked;
+    `exclude_modules` and `modules_to_save` as `lora_config` takes them."""
+    config = lora_config(lora, model, key, exclude_modules, modules_to_save)
     if new_token_ids is not None:
-        config.trainable_token_indices = new_token_ids if isinstance(new_token_ids, list) else [new_token_ids]
+        ids = new_token_ids if isinstance(new_token_ids, list) else [new_token_ids]
+        config.trainable_token_indices = {layer: ids for layer in _token_layers(model)}
     has = what_it_has(model)  # before peft wraps its layers in its own
     try:
         wrapped = get_peft_model(model, config)

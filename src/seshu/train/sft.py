@@ -31,7 +31,7 @@ from transformers import (
 from trl import SFTConfig, SFTTrainer
 
 from seshu.chat import CHAT_TOKENS
-from seshu.config import SFTRecipe, SourceEntry
+from seshu.config import SFTRecipe, SourceEntry, TrainSection
 from seshu.data.instructions import InstructionStats, read_conversations, tokenize_conversation
 from seshu.data.mixing import is_validation
 from seshu.data.pipeline import cached_rows, sources_state, state_digest, tokenizer_state
@@ -58,6 +58,20 @@ class SFTResult:
     steps: int
     examples: int  # training conversations (validation ones not counted)
     answer_tokens: int  # tokens of those conversations the loss covered (assistant mask 1)
+
+    @classmethod
+    def of(cls, done: Finished, trainable: int, total: int, answers: Callable[[datasets.Dataset], int]) -> SFTResult:
+        """The result of the finished run `done`; `answers` counts the tokens the loss covers in its rows."""
+        assert isinstance(done.train_dataset, datasets.Dataset)  # fine-tuning rows are always cached
+        return cls(
+            output_dir=done.output_dir,
+            metrics=done.metrics,
+            trainable_parameters=trainable,
+            total_parameters=total,
+            steps=done.steps,
+            examples=len(done.train_dataset),
+            answer_tokens=answers(done.train_dataset),
+        )
 
 
 class SeshuSFTTrainer(LanguageModelLossMixin, SFTTrainer):
@@ -145,12 +159,12 @@ def build_datasets(
         separate = bool(recipe.data.validation_sources())
         if split == "train" or separate:
             label = f"{split} data" if separate else "data (training and held-out)"
-            log(f"{label}: {_read_summary(stats, cache_dir / f'{fingerprint}.summary')}")
+            log(f"{label}: {read_summary(stats, cache_dir / f'{fingerprint}.summary')}")
         splits.append(ds)
     return splits[0], splits[1]
 
 
-def _read_summary(stats: InstructionStats, saved: Path) -> str:
+def read_summary(stats: InstructionStats, saved: Path) -> str:
     """This pass's summary of the records, kept beside the cached rows: a resumed run reads no record again."""
     if stats.records:
         saved.write_text(stats.summary(), encoding="utf-8")
@@ -188,12 +202,21 @@ def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
         dtype = "bfloat16" if precision == "bf16" and method == "lora" else "float32"
         model, _ = load_causal_lm(path, dtype=dtype)
         return model
-    compute = torch.bfloat16 if precision == "bf16" else torch.float16 if precision == "fp16" else torch.float32
     spec = ARCHS.get(AutoConfig.from_pretrained(path).model_type)
     skip = [*spec.qlora_skip_modules, "lm_head"] if spec and spec.qlora_skip_modules else None
+    return load_in_4bit(AutoModelForCausalLM, path, recipe.train, skip)
+
+
+def load_in_4bit(
+    model_class: type[Any], path: str, train: TrainSection, skip_modules: list[str] | None
+) -> PreTrainedModel:
+    """The model at `path` as `model_class`, its linear layers in 4-bit NF4 (double-quantized, computing in the
+    training precision) but for `skip_modules` (None: transformers' default, the head), prepared for k-bit
+    training."""
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
-        llm_int8_skip_modules=skip,  # (despite the name, also what 4-bit loading leaves alone)
+        llm_int8_skip_modules=skip_modules,  # (despite the name, also what 4-bit loading leaves alone)
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,
@@ -201,7 +224,7 @@ def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
     )
     check_model_dir(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model = model_class.from_pretrained(
             path,
             quantization_config=quantization,
             dtype=compute,
@@ -212,7 +235,10 @@ def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
         raise UserError(f"{path}: cannot load the model in 4 bits: {first_line(exc)}") from None
     if default_device() == "cpu":
         _keep_cpu_4bit_trainable(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    prepared: PreTrainedModel = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=train.gradient_checkpointing
+    )
+    return prepared
 
 
 def _keep_cpu_4bit_trainable(model: PreTrainedModel) -> None:
@@ -264,15 +290,16 @@ def _load_tokenizer(recipe: SFTRecipe) -> tuple[PreTrainedTokenizerBase, bool]:
     return tokenizer, added
 
 
-def _card(recipe: SFTRecipe, result: SFTResult) -> str:
+def sft_card(recipe: SFTRecipe, result: SFTResult, *, vision: bool = False) -> str:
+    """The model card of a fine-tuned adapter (or model); `vision` for a VLM's."""
     sources = [s.path for s in recipe.data.train_sources() + recipe.data.validation_sources()]
     base = recipe.model.init_from
     metadata: dict[str, Any] = {
         "library_name": "peft" if recipe.sft.method != "full" else "transformers",
         # The Hub's field names a Hub model; a local base is recorded (with hashes) under seshu.base_model.
         **({"base_model": base} if base and not Path(base).exists() else {}),
-        "pipeline_tag": "text-generation",
-        "tags": ["seshu", "sft", recipe.sft.method],
+        "pipeline_tag": "image-text-to-text" if vision else "text-generation",
+        "tags": ["seshu", "sft", recipe.sft.method, *(["vision-language"] if vision else [])],
         "seshu": {
             "command": "sft",
             "method": recipe.sft.method,
@@ -294,8 +321,8 @@ def _card(recipe: SFTRecipe, result: SFTResult) -> str:
         f"{result.trainable_parameters:,} trainable parameters)."
         + (f" Answer-only validation loss: {loss:.4f}." if loss is not None else "")
     )
-    if recipe.sft.method != "full":
-        body += "\n\n" + usage_snippet(base=base)
+    if recipe.sft.method != "full" or vision:
+        body += "\n\n" + usage_snippet(base=base if recipe.sft.method != "full" else None, vision=vision)
     return render_card(Path(recipe.output_dir).name, metadata, body)
 
 
@@ -308,6 +335,19 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters() if p.requires_grad), count_parameters(model)
 
 
+def check_start(recipe: SFTRecipe, resume: bool) -> str:
+    """What is checked before anything loads: the base model's folder, the run folder and the packages the
+    recipe needs; the base model's reference."""
+    base_ref = recipe.model.init_from
+    if not base_ref:
+        raise UserError("model.init_from: name the base model to fine-tune (a local directory or an HF id)")
+    check_run(recipe, resume)
+    if recipe.sft.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("sft.method: qlora needs bitsandbytes (pip install --no-deps bitsandbytes)")
+    check_model_dir(base_ref)
+    return base_ref
+
+
 def run(
     recipe: SFTRecipe,
     *,
@@ -317,13 +357,9 @@ def run(
 ) -> SFTResult:
     """Fine-tune as the recipe says; returns where the adapter (or model) went and its validation metrics.
     Progress, and a summary of the records read (and any skipped), goes to `log`, one line at a time."""
-    base_ref = recipe.model.init_from
-    if not base_ref:
-        raise UserError("model.init_from: name the base model to fine-tune (a local directory or an HF id)")
-    check_run(recipe, resume)
-    if recipe.sft.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("sft.method: qlora needs bitsandbytes (pip install --no-deps bitsandbytes)")
-    check_model_dir(base_ref)
+    base_ref = check_start(recipe, resume)
+    if recipe.vlm is not None:
+        raise UserError(f"vlm: {base_ref} is a text-only model; the vlm section applies to a VLM base")
     tokenizer, tokens_added = _load_tokenizer(recipe)
     model = prepare_model(recipe, tokenizer, tokens_added)
     trainable, total = parameter_counts(model)
@@ -353,16 +389,7 @@ def run(
         )
 
     def result(done: Finished) -> SFTResult:
-        assert isinstance(done.train_dataset, datasets.Dataset)  # fine-tuning rows are always cached
-        return SFTResult(
-            output_dir=done.output_dir,
-            metrics=done.metrics,
-            trainable_parameters=trainable,
-            total_parameters=total,
-            steps=done.steps,
-            examples=len(done.train_dataset),
-            answer_tokens=answer_tokens(done.train_dataset),
-        )
+        return SFTResult.of(done, trainable, total, answer_tokens)
 
-    job = Job(tokenizer, build, describe, make_trainer, lambda done: _card(recipe, result(done)))
+    job = Job(tokenizer, build, describe, make_trainer, lambda done: sft_card(recipe, result(done)))
     return result(run_job(recipe, job, resume=resume, callbacks=callbacks, log=log))
