@@ -74,8 +74,13 @@ def perplexity(
 @app.command()
 def generate(
     model: str = typer.Option(..., "--model", help="Model folder or Hub id."),
-    task: str = typer.Option(..., "--task", help="translation, qa or instruct."),
-    data: str | None = typer.Option(None, "--data", help="Records: .jsonl/.json/.parquet file, folder or dataset id."),
+    task: str = typer.Option(..., "--task", help="translation, qa or instruct; caption for a VLM (image records)."),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Records: .jsonl/.json/.parquet file, folder or dataset id; for caption, LLaVA records (JSON/JSONL) or "
+        "a COCO captions JSON.",
+    ),
     src_file: str | None = typer.Option(None, "--src-file", help="Translation: source sentences, one per line."),
     tgt_file: str | None = typer.Option(None, "--tgt-file", help="Translation: their references, line-aligned."),
     adapter: str | None = typer.Option(None, "--adapter", help="PEFT LoRA adapter folder applied on top of the model."),
@@ -95,18 +100,31 @@ def generate(
     first_line: bool | None = typer.Option(
         None, "--first-line/--full-answer", help="Keep only the answer's first line; default on for translation, qa."
     ),
+    image_folder: str | None = typer.Option(
+        None, "--image-folder", help="Caption: the folder the records' image paths are in; default the records' folder."
+    ),
+    prompt: str | None = typer.Option(
+        None,
+        "--prompt",
+        help="Caption: the user turn of COCO records, holding <image> once; default "
+        "'<image>\\nGive a short caption of this image.'",
+    ),
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", help="Longest answer, in tokens; default 128, or half the model's context if less."
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts generated together."),
-    max_records: int | None = typer.Option(None, "--max-records", help="Evaluate the first N records only."),
+    max_records: int | None = typer.Option(
+        None, "--max-records", help="Evaluate the first N records (caption: images) only."
+    ),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, mps; default the best there is."),
     out: Path | None = typer.Option(
         None, "--out", help="Write each record's prompt, prediction and reference (JSONL)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print JSON only, for scripts."),
 ) -> None:
-    """Generate an answer for every record (greedy) and score them: chrF/BLEU, exact match/F1, or perplexity."""
+    """Generate an answer for every record (greedy) and score them: chrF/BLEU, exact match/F1, or perplexity.
+
+    A VLM captions image records (--task caption): once per image, chrF/BLEU against its captions, caption loss."""
     from seshu.cli.common import quiet_libraries
     from seshu.evaluate.generation_eval import generation_eval_from_paths
 
@@ -123,6 +141,8 @@ def generate(
         source_lang=source_lang,
         chat=chat,
         first_line=first_line,
+        image_folder=image_folder,
+        prompt=prompt,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         max_records=max_records,

@@ -6,7 +6,8 @@ greedy, so the scores are reproducible, and runs in left-padded batches sorted b
 little compute goes to padding; each sequence stops at eos or the template's end-of-turn token, and one-line
 tasks (translation, QA) stop a sequence at its first line break. The instruct task also scores the reference
 answers by teacher forcing: answer-only perplexity, exp(mean NLL over the assistant tokens), with the same
-mask SFT trains on.
+mask SFT trains on. A VLM's caption task (`seshu.multimodal.caption_eval`) builds on the batched greedy generation
+and the loss here.
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from seshu.chat import chat_prompt, encode_prompt, end_of_turn_ids
 from seshu.errors import UserError
 from seshu.evaluate.perplexity import NLLTotals
-from seshu.evaluate.tasks import Task, TaskRecord, check_template, get_task, read_line_pairs, render_prompt
+from seshu.evaluate.tasks import (
+    VLM_TASKS,
+    Task,
+    TaskRecord,
+    check_template,
+    get_task,
+    read_line_pairs,
+    render_prompt,
+)
 from seshu.generate import SamplingOptions
 from seshu.io import write_text_atomic
 from seshu.models.registry import model_context_length
@@ -47,12 +56,20 @@ class GenerationEvalResult:
         return {"task": self.task, "records": len(self.records), "scores": self.scores}
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        """One {"prompt", "prediction", "reference" | "references"} per record (QA keeps every gold answer)."""
+        """One {"prompt", "prediction", "reference" | "references"} per record (QA keeps every gold answer,
+        caption every caption of the image), with the record's "images" when it has some."""
         for prompt, prediction, record in zip(self.prompts, self.predictions, self.records, strict=True):
             refs: dict[str, Any] = (
-                {"references": record.references} if self.task == "qa" else {"reference": record.references[0]}
+                {"references": record.references}
+                if self.task in _MULTI_REFERENCE
+                else {"reference": record.references[0]}
             )
-            yield {"prompt": prompt, "prediction": prediction, **refs}
+            images = {"images": list(record.images)} if record.images else {}
+            yield {"prompt": prompt, "prediction": prediction, **refs, **images}
+
+
+# Tasks whose records may hold several references: their output rows list them all, for every record alike.
+_MULTI_REFERENCE = frozenset({"qa", "caption"})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,6 +168,12 @@ def finish_prediction(text: str, first_line: bool) -> str:
     return text.split("\n", 1)[0].strip() if first_line else text
 
 
+def greedy_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int, stop_ids: list[int]) -> GenerationConfig:
+    """Greedy decoding without a repetition penalty (the model's own best answer), ending at any of `stop_ids`."""
+    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
+    return options.generation_config(tokenizer, stop_ids)
+
+
 def generate_batch(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -161,26 +184,40 @@ def generate_batch(
     first_line: bool,
 ) -> list[str]:
     """Greedy continuations of the prompts (token ids), generated together from one left-padded batch."""
-    options = SamplingOptions(max_new_tokens=max_new_tokens, temperature=0, repetition_penalty=1.0)
-    config = options.generation_config(tokenizer, stop_ids)
+    config = greedy_config(tokenizer, max_new_tokens, stop_ids)
     pad = int(config.pad_token_id)
     width = max(len(ids) for ids in prompt_ids)
-    device = next(model.parameters()).device
     # Left padding: every prompt ends at the same column, so each row's next token comes from its own last one.
     input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
     attention_mask = torch.zeros_like(input_ids)
     for row, ids in enumerate(prompt_ids):
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    return greedy_answers(model, tokenizer, inputs, config, first_line=first_line)
+
+
+def greedy_answers(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    inputs: dict[str, torch.Tensor],
+    config: GenerationConfig,
+    *,
+    first_line: bool,
+) -> list[str]:
+    """The answers `model.generate` gives to a left-padded batch (`input_ids`, `attention_mask` and whatever
+    else the model reads, such as a VLM's `pixel_values`), each cut at its first stop token of `config`."""
+    width = int(inputs["input_ids"].shape[1])
+    device = next(model.parameters()).device
     criteria = StoppingCriteriaList([_FirstLineDone(tokenizer, width)]) if first_line else None
     output = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        **{name: value.to(device) for name, value in inputs.items()},
         generation_config=config,
         stopping_criteria=criteria,
     )
     texts = []
-    stops = set(stop_ids)
+    eos = config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos])
     for row in output[:, width:].tolist():
         end = next((i for i, token in enumerate(row) if token in stops), len(row))  # what follows is padding
         texts.append(finish_prediction(str(tokenizer.decode(row[:end], skip_special_tokens=True)), first_line))
@@ -279,7 +316,13 @@ def _batch_answer_nll(model: Any, batch: list[tuple[list[int], list[int]]], pad:
         attention_mask[row, : len(ids)] = 1
     device = next(model.parameters()).device
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False).logits
-    targets = labels[:, 1:].to(device)
+    return summed_nll(logits, labels)
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of the labelled tokens (each predicted from the position before it; -100 is not scored) and
+    how many there were."""
+    targets = labels[:, 1:].to(logits.device)
     scored = targets != -100
     # float32 for the loss whatever the model's dtype; summed in float64 (many tokens).
     losses = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
@@ -345,6 +388,8 @@ def generation_eval_from_paths(
     source_lang: str | None = None,
     chat: bool | None = None,
     first_line: bool | None = None,
+    image_folder: str | None = None,
+    prompt: str | None = None,
     max_new_tokens: int | None = None,
     batch_size: int = 8,
     max_records: int | None = None,
@@ -356,19 +401,109 @@ def generation_eval_from_paths(
     `src_file`/`tgt_file`), load the model (with `adapter`), evaluate, and write per-record outputs to `out`
     (JSON Lines, atomically). Inputs are all checked before the model loads.
 
+    A VLM (`seshu vlm build`) runs the caption task on image records instead (`seshu.multimodal.caption_eval`):
+    `image_folder` is where their image paths point, `prompt` the user turn of COCO records.
+
     `max_new_tokens` defaults to `default_max_new_tokens` of the model; `chat` to off for a model that was
     only pretrained (`instruction_tuned`), else to whether the tokenizer has a chat template."""
-    spec = get_task(task)
     if max_records is not None and max_records < 1:
         raise UserError(f"--max-records must be at least 1, not {max_records}")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, not {max_new_tokens}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, not {batch_size}")
+    from seshu.multimodal.loading import is_vlm
+
+    if is_vlm(model):
+        text_only = {
+            "--src-file": src_file,
+            "--tgt-file": tgt_file,
+            "--adapter": adapter,
+            "--prompt-template": prompt_template,
+            "--target-lang": target_lang,
+            "--source-lang": source_lang,
+            "--chat/--no-chat": chat,
+        }
+        given = _first_given(text_only)
+        if given:
+            raise UserError(f"{model} is a VLM, evaluated on image records; {given} is for text models, drop it")
+        from seshu.multimodal.caption_eval import caption_eval_from_paths
+
+        result = caption_eval_from_paths(
+            model,
+            task,
+            data,
+            image_folder=image_folder,
+            prompt=prompt,
+            first_line=first_line,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_records=max_records,
+            device=device,
+            progress=progress,
+        )
+    else:
+        image_only = {
+            f"--task {task}": task if task in VLM_TASKS else None,
+            "--image-folder": image_folder,
+            "--prompt": prompt,
+        }
+        given = _first_given(image_only)
+        if given:
+            raise UserError(
+                f"{model} is a text-only model; {given} is for image records, which need a VLM "
+                "(made by `seshu vlm build`)"
+            )
+        result = _text_eval(
+            model,
+            get_task(task),
+            data=data,
+            src_file=src_file,
+            tgt_file=tgt_file,
+            adapter=adapter,
+            prompt_template=prompt_template,
+            values={k: v for k, v in (("target_lang", target_lang), ("source_lang", source_lang)) if v is not None},
+            chat=chat,
+            first_line=first_line,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_records=max_records,
+            device=device,
+            progress=progress,
+        )
+    if out is not None:
+        write_text_atomic(Path(out), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows()))
+    return result
+
+
+def _first_given(options: dict[str, Any]) -> str | None:
+    """The first option (by its flag) that was given a value."""
+    return next((flag for flag, value in options.items() if value is not None), None)
+
+
+def _text_eval(
+    model: str,
+    spec: Task,
+    *,
+    data: str | None,
+    src_file: str | None,
+    tgt_file: str | None,
+    adapter: str | None,
+    prompt_template: str | None,
+    values: dict[str, str],
+    chat: bool | None,
+    first_line: bool | None,
+    max_new_tokens: int | None,
+    batch_size: int,
+    max_records: int | None,
+    device: str | None,
+    progress: bool,
+) -> GenerationEvalResult:
     if prompt_template is not None:
         if spec.template is None:
-            raise UserError(f"the {task} task takes its prompts from the conversations; drop --prompt-template")
+            raise UserError(f"the {spec.name} task takes its prompts from the conversations; drop --prompt-template")
         check_template(spec, prompt_template)
     records = _read_records(spec, data, src_file, tgt_file, max_records)
-    values = {k: v for k, v in (("target_lang", target_lang), ("source_lang", source_lang)) if v is not None}
     if spec.template is not None:  # a missing --target-lang should fail now, not after the model loads
         render_prompt(spec, records[0], prompt_template, values)
 
@@ -377,7 +512,7 @@ def generation_eval_from_paths(
     lm, tokenizer = load_for_generation(model, adapter, device)
     if chat is None and instruction_tuned(model, adapter) is False and not spec.answer_perplexity:
         chat = False
-    result = evaluate_generation(
+    return evaluate_generation(
         lm,
         tokenizer,
         spec,
@@ -390,9 +525,6 @@ def generation_eval_from_paths(
         batch_size=batch_size,
         progress=progress,
     )
-    if out is not None:
-        write_text_atomic(Path(out), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.rows()))
-    return result
 
 
 def _read_records(

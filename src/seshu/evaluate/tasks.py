@@ -7,6 +7,9 @@ functions (`translation_scores`, `qa_scores`); running the model is `seshu.evalu
 - translation: records {"source", "target"} (or two line-aligned files); chrF and BLEU from sacrebleu.
 - qa: records {"question", "answer" | "answers", optional "context"}; SQuAD exact match and token F1.
 - instruct: instruction records in any layout `seshu.data.instructions` reads; answer-only perplexity.
+
+A VLM's task, caption (image-caption records, chrF and BLEU against the captions, caption-only loss), is run by
+`seshu.multimodal.caption_eval` and named in `VLM_TASKS`, not `TASKS`: its records, model and loss are a VLM's.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class TaskRecord:
     references: list[str]
     fields: dict[str, str] = field(default_factory=dict)  # template placeholders: source, question, context
     messages: list[Message] | None = None  # instruct: the whole conversation, ending with the answer
+    images: tuple[str, ...] = ()  # caption: the image files of the prompt's `<image>` tokens, in order
 
 
 @dataclass(frozen=True)
@@ -53,19 +57,20 @@ class Task:
 def translation_scores(hypotheses: list[str], references: list[list[str]] | list[str]) -> dict[str, float]:
     """Corpus chrF (character 6-grams, beta 2: sacrebleu's default, the WMT standard for morphologically rich
     languages) and BLEU (13a tokenization), both 0-100. `references` holds one reference per hypothesis, or
-    a list of them (every hypothesis the same number)."""
-    import sacrebleu  # imported here: only translation needs it
+    a list of them (at least one each; COCO gives an image five captions, some six or seven)."""
+    import sacrebleu  # imported here: only translation and caption need it
 
     if len(hypotheses) != len(references):
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     if not hypotheses:
         raise ValueError("no hypotheses to score")
-    per_hyp = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
-    counts = {len(refs) for refs in per_hyp}
-    if len(counts) != 1:
-        raise ValueError("every hypothesis needs the same number of references")
-    # sacrebleu takes reference *streams*: stream k holds the k-th reference of every hypothesis.
-    streams = [list(stream) for stream in zip(*per_hyp, strict=True)]
+    per_hyp: list[list[str | None]] = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
+    if not all(per_hyp):
+        raise ValueError("every hypothesis needs at least one reference")
+    # sacrebleu takes reference *streams*: stream k holds the k-th reference of every hypothesis, None where a
+    # hypothesis has fewer (sacrebleu's documented way to give a variable number; its type hints omit the None).
+    width = max(map(len, per_hyp))
+    streams: Any = [[refs[k] if k < len(refs) else None for refs in per_hyp] for k in range(width)]
     return {
         "chrf": float(sacrebleu.corpus_chrf(hypotheses, streams).score),
         "bleu": float(sacrebleu.corpus_bleu(hypotheses, streams).score),
@@ -282,6 +287,10 @@ TASKS: dict[str, Task] = {
         answer_perplexity=True,
     ),
 }
+
+
+# Tasks on image records, for a VLM. Kept out of `TASKS`, which is also what a federation judges text adapters on.
+VLM_TASKS = ("caption",)
 
 
 def get_task(name: str) -> Task:
