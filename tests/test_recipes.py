@@ -4,21 +4,28 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import seshu
 from transformers import AutoModelForCausalLM
 
 from seshu.config import PretrainRecipe, SFTRecipe, load_recipe
 from seshu.merge.fold import fold_adapter
+from seshu.multimodal import pipeline
+from seshu.multimodal.pipeline import VLMRecipe
 from seshu.train import pretrain, sft
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 SFT_RECIPES = {"bloom-alpaca-lora.yaml", "baraat-hindi.yaml"}
 MOE_RECIPES = {"baraat-moe.yaml"}  # validated and run in tests/test_moe_train.py
 POLICY_RECIPES = {"seshu-federation.yaml"}  # a federation policy: validated in tests/test_federation_demo.py
-TINY_PRETRAIN = sorted(p.name for p in (RECIPES / "tiny").glob("*.yaml") if p.name not in SFT_RECIPES | MOE_RECIPES)
+VLM_RECIPES = {"vlm-clip-phi.yaml"}  # `seshu vlm train`
+TINY_PRETRAIN = sorted(
+    p.name for p in (RECIPES / "tiny").glob("*.yaml") if p.name not in SFT_RECIPES | MOE_RECIPES | VLM_RECIPES
+)
+COMMANDS = {**dict.fromkeys(SFT_RECIPES, "seshu sft"), **dict.fromkeys(VLM_RECIPES, "seshu vlm train")}
 
 
-def kind(name: str) -> type[PretrainRecipe] | type[SFTRecipe]:
-    return SFTRecipe if name in SFT_RECIPES else PretrainRecipe
+def kind(name: str) -> type[PretrainRecipe] | type[SFTRecipe] | type[VLMRecipe]:
+    return SFTRecipe if name in SFT_RECIPES else VLMRecipe if name in VLM_RECIPES else PretrainRecipe
 
 
 def losses(run: Path, key: str = "loss") -> list[float]:
@@ -34,7 +41,7 @@ def losses(run: Path, key: str = "loss") -> list[float]:
 def test_real_scale_recipes_validate_and_document_their_command(path: Path) -> None:
     load_recipe(kind(path.name), path)
     header = path.read_text(encoding="utf-8").splitlines()[:14]
-    command = "seshu sft --config recipes/" if path.name in SFT_RECIPES else "seshu pretrain --config recipes/"
+    command = COMMANDS.get(path.name, "seshu pretrain") + " --config recipes/"
     assert any(command in line for line in header)
     assert (RECIPES / "tiny" / path.name).is_file(), "every recipe has a tiny variant"
 
@@ -102,3 +109,28 @@ def test_the_tiny_baraat_pipeline_runs_end_to_end(tmp_path: Path, tiny_base: Pat
         )
         fold_adapter(str(hindi_base), str(expert.output_dir), tmp_path / task, dtype="float32")
         assert AutoModelForCausalLM.from_pretrained(tmp_path / task).config.model_type == "llama"
+
+
+def test_the_tiny_vlm_pipeline_runs_end_to_end(tmp_path: Path, tiny_base: Path) -> None:
+    """Build (random CLIP tower, fresh Phi) -> projector pretraining -> QLoRA visual instruction tuning -> fold, on
+    the bundled shapes, as recipes/tiny/vlm-clip-phi.yaml says; then resuming skips every finished stage."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    overrides = [f"output_dir={tmp_path / 'vlm'}", f"build.tokenizer={tiny_base}"]
+    recipe = load_recipe(VLMRecipe, RECIPES / "tiny" / "vlm-clip-phi.yaml", overrides)
+    real = load_recipe(VLMRecipe, RECIPES / "vlm-clip-phi.yaml")
+    assert recipe.instruct and real.instruct and recipe.instruct.sft.method == real.instruct.sft.method == "qlora"
+    lines: list[str] = []
+    result = pipeline.run(recipe, log=lines.append)
+    assert result.final == tmp_path / "vlm" / "chat"
+    assert losses(tmp_path / "vlm" / "projector")[-1] < losses(tmp_path / "vlm" / "projector")[0]
+    assert set(result.metrics) == {"projector", "instruct"}
+    model = LlavaForConditionalGeneration.from_pretrained(result.final)
+    AutoProcessor.from_pretrained(result.final)
+    assert model.config.text_config.model_type == "phi"
+
+    lines.clear()
+    pipeline.run(recipe, resume=True, log=lines.append)
+    assert [line.split(":")[0] for line in lines if "done earlier" in line] == ["vlm", "projector", "instruct", "chat"]
+    again = seshu("vlm", "train", "--config", RECIPES / "tiny" / "vlm-clip-phi.yaml", "--out", tmp_path / "vlm")
+    assert "already holds a VLM run; pass --resume" in again.error

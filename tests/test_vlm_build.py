@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import SHARED_DATA
-from helpers import save_tiny_model, seshu
+from helpers import TINY_VISION, TINY_VISION_PATCHES, save_tiny_clip, save_tiny_model, seshu
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 from transformers import (
@@ -31,6 +31,7 @@ from seshu.errors import UserError
 from seshu.multimodal.chat_template import multimodal_chat_template
 from seshu.multimodal.images import load_image
 from seshu.multimodal.language import fold_head_bias
+from seshu.multimodal.vision import load_vision_config, load_vision_tower
 from seshu.multimodal.vlm import BuiltVLM, build_vlm
 
 PHOTO = SHARED_DATA / "images" / "extreme_ironing.jpg"
@@ -279,6 +280,41 @@ def test_cli_builds_a_fresh_lm_from_a_preset(root: Path, clip_dir: Path, tiny_to
     assert LlavaForConditionalGeneration.from_pretrained(out).config.text_config.model_type == "llama"
 
 
+def test_cli_builds_with_a_fresh_random_clip_preset(root: Path, tiny_tokenizer_dir: Path) -> None:
+    out = root / "vlm-fresh-clip"
+    result = seshu("vlm", "build", "--vision", "clip:tiny", "--lm", "llama:tiny", "--tokenizer", tiny_tokenizer_dir,
+                   "--out", out, "--json")  # fmt: skip
+    assert result.code == 0, result.err
+    assert json.loads(result.out)["image_tokens"] == TINY_VISION_PATCHES
+    model = LlavaForConditionalGeneration.from_pretrained(out)
+    assert {key: getattr(model.config.vision_config, key) for key in TINY_VISION} == TINY_VISION
+    # Seeded with --seed (0): the very tower the tests' helper draws with torch.manual_seed(0).
+    reference = CLIPVisionModel.from_pretrained(save_tiny_clip(root / "clip-seed-0")).state_dict()
+    tower = model.model.vision_tower.state_dict()
+    assert tower.keys() == reference.keys() and all(torch.equal(tower[k], reference[k]) for k in reference)
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.image_processor.crop_size == {"height": 32, "width": 32}
+    inputs = processor(images=drawn_image(), text="<image>", return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == TINY_VISION_PATCHES
+    card = (out / "README.md").read_text()
+    assert "random_vision_tower: true" in card and "CLIP vision tower with random weights (`clip:tiny`" in card
+
+
+def test_clip_presets_and_an_existing_folder_of_that_name(
+    root: Path, clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    small = load_vision_config("clip:small")
+    assert (small.image_size, small.patch_size) == (224, 32)  # 49 positions per image
+    seeded = [load_vision_tower("clip:tiny", seed=seed).model.state_dict() for seed in (0, 0, 1)]
+    assert all(torch.equal(seeded[0][k], seeded[1][k]) for k in seeded[0])
+    assert not torch.equal(seeded[0]["embeddings.patch_embedding.weight"],
+                           seeded[2]["embeddings.patch_embedding.weight"])  # fmt: skip
+    monkeypatch.chdir(clip_dir.parent)
+    (clip_dir.parent / "clip:tiny").symlink_to(clip_dir)
+    tower = load_vision_tower("clip:tiny")
+    assert not tower.random and tower.config.num_hidden_layers == VISION["num_hidden_layers"]
+
+
 def test_cli_bad_input_is_one_line(root: Path, clip_dir: Path, built: dict[str, tuple[BuiltVLM, Path]]) -> None:
     lm = str(root / "lm-llama")
     gpt2 = root / "gpt2"
@@ -290,6 +326,7 @@ def test_cli_bad_input_is_one_line(root: Path, clip_dir: Path, built: dict[str, 
         "'gpt2' model": ("--vision", clip_dir, "--lm", gpt2),
         "--tokenizer": ("--vision", clip_dir, "--lm", "llama:tiny"),
         "unknown preset": ("--vision", clip_dir, "--lm", "llama:huge", "--tokenizer", lm),
+        "unknown CLIP preset 'huge'; choose one of: tiny, small": ("--vision", "clip:huge", "--lm", lm),
         "unknown projector": ("--vision", clip_dir, "--lm", lm, "--projector", "qformer"),
         "--feature-layer 9": ("--vision", clip_dir, "--lm", lm, "--feature-layer", 9),
     }

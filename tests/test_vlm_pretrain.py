@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import runpy
 from itertools import product
 from pathlib import Path
 
@@ -19,18 +20,20 @@ from helpers import (
     save_shapes_vlm,
     seshu,
 )
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     AutoProcessor,
     LlavaForConditionalGeneration,
 )
 
+from seshu import assets
 from seshu.config import load_recipe
 from seshu.data.instructions import IGNORE_INDEX
 from seshu.errors import UserError
 from seshu.multimodal.config import DEFAULT_PROMPT, CaptionSource, VLMPretrainRecipe
 from seshu.multimodal.loading import load_vlm
-from seshu.multimodal.pretrain_projector import caption_row
+from seshu.multimodal.pretrain_projector import caption_row, plain_caption_row
 from seshu.multimodal.records import CaptionRecord, read_caption_records
 from seshu.multimodal.rows import MediaCollator
 
@@ -38,6 +41,8 @@ PATCHES = TINY_VISION_PATCHES
 COLOURS = SHAPE_COLOURS
 PICKLES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PROJECTOR = "multi_modal_projector."  # the tensor names in the saved file (transformers' LLaVA layout)
+SHAPES_ASSETS = Path(assets.resolve("seshu:multimodal/shapes"))
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_shapes_assets.py"
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +78,7 @@ def shapes(root: Path) -> Path:
     return folder
 
 
-def write_recipe(root: Path, name: str, vlm: Path, data: dict) -> Path:
+def write_recipe(root: Path, name: str, vlm: Path, data: dict, **train: object) -> Path:
     recipe = {
         "model": {"init_from": str(vlm)},
         "data": data,
@@ -87,6 +92,7 @@ def write_recipe(root: Path, name: str, vlm: Path, data: dict) -> Path:
             "eval_every": 20,
             "save_every": 20,
             "log_every": 5,
+            **train,
         },
         "output_dir": str(root / name),
     }
@@ -204,3 +210,78 @@ def test_recipe_errors(root: Path, vlm_dir: Path) -> None:
     lm = root / "lm"
     config = write_recipe(root, "not-vlm", lm, {"train": "x.json"})
     assert "not a VLM; make one with `seshu vlm build`" in seshu("vlm", "pretrain-projector", "-c", config).error
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVA's plain layout, bundled shapes, bf16 VLMs
+
+
+def test_plain_rows_are_the_images_then_the_caption(vlm_dir: Path) -> None:
+    _, processor = load_vlm(str(vlm_dir))
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    record = CaptionRecord("r.json, record 1", "Describe it.\n<image>", "a red square", ("a.png",))
+    row = plain_caption_row(tok, record, image_id, PATCHES, 64)
+    assert row is not None and row["images"] == ["a.png"]
+    caption = tok("a red square\n", add_special_tokens=False)["input_ids"]
+    # No chat template, role or prompt: the tokenizer's own special tokens, the image positions, the caption.
+    start = row["input_ids"].index(image_id)
+    assert row["input_ids"][start:] == [image_id] * PATCHES + caption
+    assert row["labels"] == [IGNORE_INDEX] * (start + PATCHES) + caption
+    assert plain_caption_row(tok, record, image_id, PATCHES, start + PATCHES) is None  # no caption token fits
+    with pytest.raises(UserError, match=r"train\.seq_len: 8 tokens cannot hold r\.json, record 1"):
+        plain_caption_row(tok, record, image_id, PATCHES, 8)
+
+
+def test_bundled_shapes_are_what_their_script_makes(tmp_path: Path) -> None:
+    runpy.run_path(str(SCRIPT))["main"](tmp_path)
+    bundled = sorted(p.relative_to(SHAPES_ASSETS) for p in SHAPES_ASSETS.rglob("*") if p.is_file())
+    assert bundled == sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    assert len([p for p in bundled if p.suffix == ".png"]) == len(COLOURS) * len(SHAPES) * 3
+    assert sum((SHAPES_ASSETS / p).stat().st_size for p in bundled) < 60_000
+    for name in bundled:
+        if name.suffix == ".json":
+            assert (SHAPES_ASSETS / name).read_bytes() == (tmp_path / name).read_bytes(), name
+        else:  # the pixels, not the bytes: another zlib compresses the same image differently
+            with Image.open(SHAPES_ASSETS / name) as ours, Image.open(tmp_path / name) as made:
+                assert ours.tobytes() == made.tobytes() and ours.size == (32, 32), name
+    captions = json.loads((SHAPES_ASSETS / "captions.json").read_text())
+    assert captions[0]["conversations"][1] == {"from": "gpt", "value": "a red square"}
+    instruct = json.loads((SHAPES_ASSETS / "instruct.json").read_text())
+    assert {"from": "gpt", "value": "Red."} in instruct[0]["conversations"]
+
+
+def test_packaged_caption_paths_resolve() -> None:
+    source = CaptionSource(path="seshu:multimodal/shapes/captions.json", image_folder="seshu:multimodal/shapes")
+    assert (source.path, source.image_folder) == (str(SHAPES_ASSETS / "captions.json"), str(SHAPES_ASSETS))
+    records = list(read_caption_records(source, DEFAULT_PROMPT))
+    assert len(records) == 36 and records[0].images == (str(SHAPES_ASSETS / "images" / "red-square-0.png"),)
+
+
+def test_a_bf16_vlm_stays_bf16_with_a_float32_trained_projector(root: Path, vlm_dir: Path) -> None:
+    """The bundled shapes, LLaVA's plain layout and a bf16 VLM (as `seshu vlm build --dtype bfloat16` writes):
+    the frozen tensors come out bit for bit, the projector trained and rounded to bf16, checkpoints in float32."""
+    bf16 = root / "vlm-bf16"
+    LlavaForConditionalGeneration.from_pretrained(vlm_dir).to(torch.bfloat16).save_pretrained(bf16)
+    AutoProcessor.from_pretrained(vlm_dir).save_pretrained(bf16)
+    data = {"train": "seshu:multimodal/shapes/captions.json", "validation": 0.25, "template": "plain"}
+    config = write_recipe(root, "run-bf16", bf16, data, max_steps=10, eval_every=5, save_every=5)
+    outcome = seshu("vlm", "pretrain-projector", "--config", config)
+    assert outcome.code == 0, outcome.err + outcome.out
+    assert "in float32 (vision tower and LM frozen, bfloat16)" in outcome.out
+    out = root / "run-bf16"
+
+    before, after = load_file(bf16 / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and {t.dtype for t in after.values()} == {torch.bfloat16}
+    frozen = [k for k in before if not k.startswith(PROJECTOR)]
+    assert len(frozen) > 20 and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert not any(torch.equal(before[k], after[k]) for k in before if k.startswith(PROJECTOR))
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    checkpoint = load_file(out / "checkpoints" / "checkpoint-10" / "model.safetensors")
+    assert {t.dtype for k, t in checkpoint.items() if k.startswith(PROJECTOR)} == {torch.float32}
+    # The published projector is the checkpoint's float32 master weights, rounded.
+    assert all(torch.equal(checkpoint[k].to(torch.bfloat16), after[k]) for k in after if k.startswith(PROJECTOR))
+    history = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    evals = [e["eval_loss"] for e in history if "eval_loss" in e]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert LlavaForConditionalGeneration.from_pretrained(out, dtype="auto").dtype == torch.bfloat16

@@ -1,5 +1,5 @@
-"""`seshu vlm build` and `seshu vlm pretrain-projector`: argument parsing over `seshu.multimodal.vlm` and
-`seshu.multimodal.pretrain_projector`."""
+"""`seshu vlm build`, `seshu vlm pretrain-projector` and `seshu vlm train`: argument parsing over
+`seshu.multimodal.vlm`, `seshu.multimodal.pretrain_projector` and `seshu.multimodal.pipeline`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,12 @@ def _say(message: str) -> None:
 
 @app.command()
 def build(
-    vision: str = typer.Option(..., "--vision", help="CLIP checkpoint or vision tower: a folder or a Hub id."),
+    vision: str = typer.Option(
+        ...,
+        "--vision",
+        help="CLIP checkpoint or vision tower: a folder, a Hub id, or clip:PRESET (tiny, small) for a new one with "
+        "random weights (smoke runs: it sees nothing).",
+    ),
     lm: str = typer.Option(
         ...,
         "--lm",
@@ -40,7 +45,7 @@ def build(
     ),
     dtype: str = typer.Option("float32", "--dtype", help="Saved weights: float32, bfloat16 or float16."),
     context_length: int = typer.Option(2048, "--context-length", help="Context of a new --lm ARCH:PRESET."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the projector (and of a new LM)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the projector (and of a new LM or vision tower)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON, for scripts."),
 ) -> None:
     """Assemble a LLaVA-style VLM (untrained projector) that plain transformers loads."""
@@ -86,3 +91,27 @@ def pretrain_projector(
     loss = result.metrics.get("eval_loss")
     summary = f"validation caption loss {loss:.4f}; " if loss is not None else ""
     typer.echo(f"done: {result.steps} steps, {summary}VLM written to {result.output_dir}")
+
+
+@app.command("train")
+def train(
+    config: Path = CONFIG,
+    overrides: list[str] = OVERRIDES,
+    out: Path | None = OUT,
+    resume: bool = RESUME,
+) -> None:
+    """The whole path in one recipe: build the VLM, pretrain its projector, tune it on visual instructions and fold
+    the adapter, each stage into a folder of its own under output_dir (--resume skips the finished ones)."""
+    from seshu.cli.common import quiet_libraries, recipe_overrides
+    from seshu.config import load_recipe
+    from seshu.multimodal.pipeline import VLMRecipe, run
+
+    quiet_libraries()
+    recipe = load_recipe(VLMRecipe, config, recipe_overrides(overrides, out))
+    result = run(recipe, resume=resume, log=typer.echo)
+    losses = "; ".join(
+        f"{stage} validation loss {metrics['eval_loss']:.4f}"
+        for stage, metrics in result.metrics.items()
+        if "eval_loss" in metrics
+    )
+    typer.echo(f"done: {losses + '; ' if losses else ''}the VLM is {result.final}")

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from seshu import assets
 from seshu.config import StrictModel, TrackSection, TrainSection, check_validation_fraction
 from seshu.multimodal.vlm import IMAGE_TOKEN
 
@@ -15,6 +16,16 @@ from seshu.multimodal.vlm import IMAGE_TOKEN
 DEFAULT_PROMPT = f"{IMAGE_TOKEN}\nGive a short caption of this image."
 
 CaptionFormat = Literal["auto", "llava", "coco"]
+
+# How a caption record becomes a training row: "chat" renders it with the VLM's chat template (the prompt as the
+# user turn, the caption as the answer); "plain" is LLaVA-1.5's stage-1 layout (its `plain` conversation
+# template): the image positions, then the caption and a newline, no template, roles or prompt.
+CaptionTemplate = Literal["chat", "plain"]
+
+
+def _resolve_packaged(value: str | None) -> str | None:
+    """`seshu:NAME` -> the packaged file's path (`seshu.assets.resolve`), so a recipe can name bundled data."""
+    return None if value is None else assets.resolve(value)
 
 
 class VLMModelSection(StrictModel):
@@ -27,6 +38,8 @@ class CaptionSource(StrictModel):
     format: CaptionFormat | None = None  # None: data.format
     image_folder: str | None = None  # None: data.image_folder
 
+    _packaged = field_validator("path", "image_folder")(_resolve_packaged)
+
 
 class CaptionDataSection(StrictModel):
     """Image-caption records: LLaVA's pretraining records (`image` plus `conversations`) or COCO captions JSON."""
@@ -38,9 +51,11 @@ class CaptionDataSection(StrictModel):
     image_folder: str | None = None
     # The user turn of COCO records, which carry only captions; it must hold `<image>` once.
     prompt: str = DEFAULT_PROMPT
+    template: CaptionTemplate = "chat"
     max_records: int | None = Field(None, ge=1)  # of the training records
 
     _fraction_in_range = field_validator("validation")(check_validation_fraction)
+    _packaged = field_validator("image_folder")(_resolve_packaged)
 
     @field_validator("prompt")
     @classmethod

@@ -69,17 +69,31 @@ def conversation_row(
     A row longer than `seq_len` loses its end, and never in the middle of an image: it is cut before the first
     image that does not fit whole, and keeps the images before it. None when no answer token is left."""
     row = tokenize_conversation(tokenizer, messages)
+    return image_row(row["input_ids"], row["assistant_masks"], images, where, image_token_id, image_tokens, seq_len)
+
+
+def image_row(
+    token_ids: list[int],
+    learn: list[int],
+    images: tuple[str, ...],
+    where: str,
+    image_token_id: int,
+    image_tokens: int,
+    seq_len: int,
+) -> dict[str, Any] | None:
+    """The row of tokens `token_ids` whose `<image>` tokens stand for `images`, learning the tokens where `learn`
+    is 1: each `<image>` expanded to `image_tokens` positions (labels -100), cut as `conversation_row` says."""
     ids: list[int] = []
     labels: list[int] = []
     starts: list[int] = []  # where each image's positions begin
-    for token, learn in zip(row["input_ids"], row["assistant_masks"], strict=True):
+    for token, learned in zip(token_ids, learn, strict=True):
         if token == image_token_id:
             starts.append(len(ids))
             ids += [token] * image_tokens
             labels += [IGNORE_INDEX] * image_tokens
         else:
             ids.append(token)
-            labels.append(token if learn else IGNORE_INDEX)
+            labels.append(token if learned else IGNORE_INDEX)
     whole = [start for start in starts if start + image_tokens <= seq_len]
     if starts and not whole and any(label != IGNORE_INDEX for label in labels[starts[0] :]):
         raise UserError(

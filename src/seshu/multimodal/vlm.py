@@ -104,7 +104,8 @@ def build_vlm(
     log: Callable[[str], None] | None = None,
 ) -> BuiltVLM:
     """Write to `out` a `LlavaForConditionalGeneration` of the CLIP `vision` (folder or Hub id; a full CLIP
-    gives its vision tower), a new `projector` ("linear" or "mlp2x_gelu", seeded with `seed`) and the language
+    gives its vision tower; `clip:PRESET` a fresh random one seeded with `seed`, for smoke runs), a new
+    `projector` ("linear" or "mlp2x_gelu", seeded with `seed`) and the language
     model `lm` (a Seshu model folder, a Hub id, or `arch:preset` for a fresh one with the tokenizer folder
     `tokenizer`), with its `LlavaProcessor` and a model card.
 
@@ -125,7 +126,7 @@ def build_vlm(
     check_replaceable_output(out, [vision, lm, tokenizer or ""], (CARD_COMMAND,), "a VLM")
     check_language_model(lm, tokenizer)
     _check_feature_layer(feature_layer, int(load_vision_config(vision).num_hidden_layers))
-    tower = load_vision_tower(vision, log=log)
+    tower = load_vision_tower(vision, seed=seed, log=log)
     language, tok = load_language_model(lm, tokenizer=tokenizer, context_length=context_length, seed=seed)
 
     known = len(tok)
@@ -255,20 +256,26 @@ def _card(report: VLMReport, tower: VisionTower, tokenizer: str | None) -> str:
             **report.to_dict(),
             "tokenizer": tokenizer,
             "image_processor": tower.processor_source,
+            "random_vision_tower": tower.random,
             "inputs": {
-                "vision": describe_model(report.vision),
+                "vision": [] if tower.random else describe_model(report.vision),
                 "lm": [] if ":" in report.lm and not Path(report.lm).exists() else describe_model(report.lm),
             },
         },
     }
     added = ", ".join(f"`{t}`" for t in report.tokens_added) or "no tokens"
+    vision = (
+        f"a new CLIP vision tower with random weights (`{report.vision}`, for smoke runs: it has learnt to see nothing)"
+        if tower.random
+        else f"the CLIP vision tower of `{report.vision}`"
+    )
     body = (
-        f"A LLaVA-style vision-language model made with `seshu vlm build`: the CLIP vision tower of "
-        f"`{report.vision}`, a new {report.projector} projector ({report.projector_parameters:,} parameters, "
-        f"untrained) and the language model `{report.lm}` ({report.lm_arch}); {report.parameters:,} parameters in "
-        f"all, {report.dtype}. The LM sees layer {report.feature_layer} of the vision tower; each `<image>` "
-        f"expands to {report.image_tokens} positions. Added {added} to the tokenizer (new rows at the mean of the "
-        f"existing ones). The text-only logits match the LM's (relative error {report.text_logits_error:.2g}).\n\n"
+        f"A LLaVA-style vision-language model made with `seshu vlm build`: {vision}, a new {report.projector} "
+        f"projector ({report.projector_parameters:,} parameters, untrained) and the language model `{report.lm}` "
+        f"({report.lm_arch}); {report.parameters:,} parameters in all, {report.dtype}. The LM sees layer "
+        f"{report.feature_layer} of the vision tower; each `<image>` expands to {report.image_tokens} positions. "
+        f"Added {added} to the tokenizer (new rows at the mean of the existing ones). The text-only logits match "
+        f"the LM's (relative error {report.text_logits_error:.2g}).\n\n"
         f"{usage_snippet(vision=True)}"
     )
     return render_card(f"{Path(report.lm).name} + {Path(report.vision).name} (VLM)", metadata, body)
