@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import SHARED_DATA
-from helpers import SHAPE_COLOURS, SHAPES, draw_shape, save_shapes_vlm, seshu
+from helpers import SHAPE_COLOURS, SHAPES, draw_shape, save_shapes_vlm, save_tiny_clip, seshu
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -24,6 +24,7 @@ from seshu.data.instructions import IGNORE_INDEX
 from seshu.multimodal.conversations import read_media_conversations, with_transcripts
 from seshu.multimodal.loading import load_vlm
 from seshu.multimodal.rows import MediaCollator, conversation_row
+from seshu.multimodal.vlm import build_vlm
 
 DEMO = SHARED_DATA / "multimodal"
 needs_demo = pytest.mark.skipif(not (DEMO / "mllm_demo.json").is_file(), reason="shared data (mllm_demo.json) absent")
@@ -268,3 +269,23 @@ def test_after_projector_and_lora_training_the_image_decides_the_caption(
     assert right >= 10, f"{right} of {len(held_out)} held-out captions right"
     print(f"shapes: held-out caption loss {matched:.3f} with the image, {mismatched:.3f} with another; "
           f"{right}/{len(held_out)} greedy captions right")  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["phi", "mixtral", "mamba"])
+def test_every_architecture_tunes_and_folds(root: Path, shapes: Path, tiny_tokenizer_dir: Path, arch: str) -> None:
+    """LoRA on the LM of a VLM over each of Seshu's other architectures (the registry's targets for the text
+    config), none on the vision tower, and the fold loads in plain transformers."""
+    vlm = root / f"vlm-{arch}"
+    build_vlm(str(save_tiny_clip(root / f"clip-{arch}")), f"{arch}:tiny", vlm, tokenizer=str(tiny_tokenizer_dir))
+    data = {"train": str(shapes / "train.json"), "validation": str(shapes / "held-out.json")}
+    train = {"max_steps": 2, "eval_every": 2, "save_every": 2}
+    outcome = seshu("sft", "--config", write_recipe(root, f"sft-{arch}", vlm, data, train=train))
+    assert outcome.code == 0, outcome.err + outcome.out
+    tensors = load_file(root / f"sft-{arch}" / "adapter_model.safetensors")
+    assert not [k for k in tensors if "vision_tower" in k]
+    assert any("language_model" in k and "lora_" in k for k in tensors)
+    folded = root / f"folded-{arch}"
+    outcome = seshu("adapters", "fold", "--base", vlm, "--adapter", root / f"sft-{arch}", "--out", folded,
+                    "--dtype", "float32")  # fmt: skip
+    assert outcome.code == 0, outcome.err + outcome.out
+    assert LlavaForConditionalGeneration.from_pretrained(folded).config.text_config.model_type == arch
