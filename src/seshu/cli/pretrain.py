@@ -21,11 +21,13 @@ def pretrain(
 ) -> None:
     """Pretrain a model from scratch, or continue pretraining one (model.init_from), as a recipe says."""
     from seshu.config import PretrainRecipe, load_recipe
+    from seshu.train.common import main_process_log
     from seshu.train.pretrain import run
 
     quiet_libraries()
     recipe = load_recipe(PretrainRecipe, config, recipe_overrides(overrides, out))
-    result = run(recipe, resume=resume, log=typer.echo)
+    say = main_process_log(typer.echo)  # one report, however many processes train
+    result = run(recipe, resume=resume, log=say)
     ppl = result.metrics.get("eval_perplexity")
     summary = f"validation perplexity {ppl:.2f}; " if ppl is not None else ""
-    typer.echo(f"done: {result.steps} steps, {summary}model written to {result.output_dir}")
+    say(f"done: {result.steps} steps, {summary}model written to {result.output_dir}")

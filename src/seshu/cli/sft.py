@@ -23,6 +23,7 @@ def sft(
     `seshu vlm build`) trains on conversations with images and audio (LLaVA's or LLaMA-Factory's records)."""
     from seshu.config import SFTRecipe, load_recipe
     from seshu.multimodal.generate import is_vlm
+    from seshu.train.common import main_process_log
 
     quiet_libraries()
     recipe = load_recipe(SFTRecipe, config, recipe_overrides(overrides, out))
@@ -30,7 +31,8 @@ def sft(
         from seshu.multimodal.sft import run
     else:
         from seshu.train.sft import run
-    result = run(recipe, resume=resume, log=typer.echo)
+    say = main_process_log(typer.echo)  # one report, however many processes train
+    result = run(recipe, resume=resume, log=say)
     loss = result.metrics.get("eval_loss")
     summary = f"answer-only validation loss {loss:.4f}; " if loss is not None else ""
-    typer.echo(f"done: {result.steps} steps, {summary}written to {result.output_dir}")
+    say(f"done: {result.steps} steps, {summary}written to {result.output_dir}")

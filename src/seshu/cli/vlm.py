@@ -84,13 +84,15 @@ def pretrain_projector(
     from seshu.config import load_recipe
     from seshu.multimodal.config import VLMPretrainRecipe
     from seshu.multimodal.pretrain_projector import run
+    from seshu.train.common import main_process_log
 
     quiet_libraries()
     recipe = load_recipe(VLMPretrainRecipe, config, recipe_overrides(overrides, out))
-    result = run(recipe, resume=resume, log=typer.echo)
+    say = main_process_log(typer.echo)  # one report, however many processes train
+    result = run(recipe, resume=resume, log=say)
     loss = result.metrics.get("eval_loss")
     summary = f"validation caption loss {loss:.4f}; " if loss is not None else ""
-    typer.echo(f"done: {result.steps} steps, {summary}VLM written to {result.output_dir}")
+    say(f"done: {result.steps} steps, {summary}VLM written to {result.output_dir}")
 
 
 @app.command("train")
@@ -105,13 +107,15 @@ def train(
     from seshu.cli.common import quiet_libraries, recipe_overrides
     from seshu.config import load_recipe
     from seshu.multimodal.pipeline import VLMRecipe, run
+    from seshu.train.common import main_process_log
 
     quiet_libraries()
     recipe = load_recipe(VLMRecipe, config, recipe_overrides(overrides, out))
-    result = run(recipe, resume=resume, log=typer.echo)
+    say = main_process_log(typer.echo)  # one report, however many processes train
+    result = run(recipe, resume=resume, log=say)
     losses = "; ".join(
         f"{stage} validation loss {metrics['eval_loss']:.4f}"
         for stage, metrics in result.metrics.items()
         if "eval_loss" in metrics
     )
-    typer.echo(f"done: {losses + '; ' if losses else ''}the VLM is {result.final}")
+    say(f"done: {losses + '; ' if losses else ''}the VLM is {result.final}")

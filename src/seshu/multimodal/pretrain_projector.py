@@ -45,7 +45,7 @@ from seshu.multimodal.rows import (
     media_trainer,
     rows_state,
 )
-from seshu.train.common import silent
+from seshu.train.common import main_process_log, silent
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 CARD_COMMAND = "vlm pretrain-projector"
@@ -240,6 +240,7 @@ def run(
 ) -> ProjectorResult:
     """Pretrain the projector of `recipe.model.init_from` as the recipe says; returns where the VLM went and its
     validation caption loss. Progress goes to `log`, one line at a time."""
+    log = main_process_log(log)
     check_run(recipe, resume)
     model, processor = load_vlm(recipe.model.init_from, dtype=None)
     check_image_tokens(processor, model.config, recipe.model.init_from)

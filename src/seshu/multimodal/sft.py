@@ -30,6 +30,7 @@ from transformers import (
     LlavaProcessor,
     PreTrainedTokenizerBase,
     TrainerCallback,
+    set_seed,
 )
 
 from seshu.chat import CHAT_TOKENS
@@ -43,7 +44,7 @@ from seshu.multimodal.conversations import MediaConversation, read_media_convers
 from seshu.multimodal.loading import load_vlm
 from seshu.multimodal.rows import ROW_FEATURES, check_image_tokens, conversation_row, media_trainer, rows_state
 from seshu.multimodal.speech import Transcriber, bundled_model
-from seshu.train.common import silent
+from seshu.train.common import main_process_log, silent
 from seshu.train.lora import apply_lora
 from seshu.train.run import Finished, Job, TrainData, run_job
 from seshu.train.sft import (
@@ -246,6 +247,7 @@ def prepare_model(
         projector.float()  # a whole module trains in fp32 master weights, whatever the frozen base's dtype
     if recipe.train.gradient_checkpointing and recipe.sft.method == "lora":
         model.enable_input_require_grads()  # the frozen embeddings give checkpointed layers no gradient path
+    set_seed(recipe.train.seed)  # LoRA's A matrices start random: seeded, a run (of one or several processes) repeats
     return apply_lora(
         model,
         recipe.sft.lora,
@@ -276,6 +278,7 @@ def run(
 ) -> SFTResult:
     """Fine-tune the VLM of `recipe.model.init_from` on conversations with images and recordings, as the recipe
     says; returns where the adapter (or model) went and its answer-only validation metrics."""
+    log = main_process_log(log)
     base_ref = check_start(recipe, resume)
     _check_recipe(recipe, base_ref)
     processor = LlavaProcessor.from_pretrained(base_ref)

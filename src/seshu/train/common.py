@@ -20,8 +20,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from seshu.config import TrackSection, TrainSection
 from seshu.errors import UserError
 from seshu.io import publish_files
-from seshu.models.loading import default_device
 from seshu.train.callbacks import ProgressCallback, RunLogCallback, perplexity
+from seshu.train.distributed import is_main_process, on_cpu
 
 CHECKPOINTS = "checkpoints"
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
@@ -29,6 +29,11 @@ MLFLOW_ARTIFACTS = "mlflow-artifacts"
 
 def silent(line: str) -> None:
     """The default `log`: library code reports only to a caller that listens (the CLI prints)."""
+
+
+def main_process_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """`log` on the main process and `silent` on the others, so that a run of several processes reads as one."""
+    return log if is_main_process() else silent
 
 
 class LanguageModelLossMixin:
@@ -104,7 +109,7 @@ def training_arguments(train: TrainSection, track: TrackSection, out: Path, has_
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         # A CPU runs bf16 autocast too; Trainer only allows it once told it is on the CPU.
-        use_cpu=default_device() == "cpu",
+        use_cpu=on_cpu(),
         bf16=train.precision == "bf16",
         fp16=train.precision == "fp16",
         gradient_checkpointing=train.gradient_checkpointing,
@@ -145,7 +150,7 @@ def tracking_env(track: TrackSection, out: Path) -> Iterator[None]:
     if track.report_to == "mlflow":
         chosen = track.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         uri = chosen or f"sqlite:///{(out / 'mlflow.db').resolve()}"
-        if not chosen:
+        if not chosen and is_main_process():  # the only process that reports to mlflow
             _create_local_experiment(uri, track.experiment, out / MLFLOW_ARTIFACTS)
         wanted = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": track.experiment}
     elif track.report_to == "tensorboard":
@@ -199,12 +204,15 @@ def final_metrics(trainer: Trainer, has_eval: bool) -> dict[str, float]:
 
 def publish(trainer: Trainer, tokenizer: PreTrainedTokenizerBase | ProcessorMixin, card: str, out: Path) -> None:
     """Write the trained model (or adapter), its tokenizer (or a VLM's processor) and card into `out`, each file
-    by atomic rename."""
-    if not trainer.is_world_process_zero():
-        return
+    by atomic rename. Every process of the run calls it: under FSDP or DeepSpeed ZeRO-3 the weights are gathered
+    from all of them; only the main process writes."""
+    main = trainer.is_world_process_zero()
     staging = out / ".final.partial"
-    shutil.rmtree(staging, ignore_errors=True)
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)
     trainer.save_model(str(staging))
+    if not main:
+        return
     # Trainer also pickles its arguments next to the weights; the published artifact is safetensors only.
     (staging / "training_args.bin").unlink(missing_ok=True)
     tokenizer.save_pretrained(str(staging))

@@ -14,7 +14,14 @@ from typing import Any
 import datasets
 import torch
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from seshu.config import PretrainRecipe
 from seshu.data.pipeline import build_block_datasets, describe_text_units, training_documents
@@ -30,7 +37,8 @@ from seshu.models.registry import (
     model_context_length,
 )
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from seshu.train.common import LanguageModelLossMixin, silent, tokens_per_step
+from seshu.train.common import LanguageModelLossMixin, main_process_log, silent, tokens_per_step
+from seshu.train.distributed import from_main_process, is_main_process
 from seshu.train.lora import apply_lora
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
@@ -61,7 +69,8 @@ class CausalLMTrainer(LanguageModelLossMixin, Trainer):
 def _prepare_tokenizer(
     recipe: PretrainRecipe, out: Path, log: Callable[[str], None]
 ) -> tuple[PreTrainedTokenizerBase, bool]:
-    """The recipe's tokenizer, the init model's, one trained earlier in this run, or a new one (True)."""
+    """The recipe's tokenizer, the init model's, one trained earlier in this run, or a new one (True: the main
+    process saves it into the run)."""
     if recipe.tokenizer.path:
         return load_tokenizer(recipe.tokenizer.path), False
     if recipe.model.init_from:
@@ -70,16 +79,20 @@ def _prepare_tokenizer(
         return load_tokenizer(str(out / TOKENIZER_DIR)), False
     spec = recipe.tokenizer.train
     log(f"training a {spec.kind} tokenizer ({spec.vocab_size} tokens) on the training corpus")
-    docs = training_documents(recipe.data, seed=recipe.train.seed)
-    tokenizer = train_tokenizer(
-        docs,
-        spec.vocab_size,
-        spec.kind,
-        balance_alpha=spec.balance_alpha,
-        seed=recipe.train.seed,
-        max_docs=spec.max_docs,
-    )
-    return tokenizer, True
+
+    def train() -> PreTrainedTokenizerBase:
+        docs = training_documents(recipe.data, seed=recipe.train.seed)
+        return train_tokenizer(
+            docs,
+            spec.vocab_size,
+            spec.kind,
+            balance_alpha=spec.balance_alpha,
+            seed=recipe.train.seed,
+            max_docs=spec.max_docs,
+        )
+
+    # Trained once, by the main process; the others of a run receive it.
+    return from_main_process(train), True
 
 
 def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel | PeftModel:
@@ -88,6 +101,7 @@ def prepare_model(recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase) ->
         model, _ = load_causal_lm(recipe.model.init_from, dtype="float32")
         check_vocab_fits(tokenizer, embedding_rows(model), recipe.model.init_from)
         check_block_fits(recipe.train.seq_len, model, recipe.model.init_from)
+        set_seed(recipe.train.seed)  # LoRA's A matrices start random (see `seshu.train.sft.prepare_model`)
         return apply_lora(model, recipe.lora, "lora") if recipe.lora else model
     config = build_config(
         recipe.model.arch,
@@ -155,6 +169,7 @@ def run(
     `callbacks` are added to the Trainer's own (for tracking or control beyond what the recipe offers); progress
     goes to `log`, one line at a time.
     """
+    log = main_process_log(log)
     out = Path(recipe.output_dir)
     check_run(recipe, resume)
     if recipe.lora and not recipe.model.init_from:
@@ -172,7 +187,7 @@ def run(
         blocks = build_block_datasets(
             recipe.data, tokenizer, recipe.train.seq_len, recipe.train.seed, out / "data-cache"
         )
-        if trained_tokenizer:
+        if trained_tokenizer and is_main_process():
             save_tokenizer(tokenizer, out / TOKENIZER_DIR)
         return blocks
 

@@ -20,6 +20,7 @@ from seshu.train.common import (
     check_environment,
     check_output_dir,
     final_metrics,
+    main_process_log,
     publish,
     remove_if_created,
     run_callbacks,
@@ -28,6 +29,7 @@ from seshu.train.common import (
     train_resumably,
     training_arguments,
 )
+from seshu.train.distributed import is_main_process, main_process_first
 
 
 class RunRecipe(Dumpable, Protocol):
@@ -91,15 +93,20 @@ def run_job(
 ) -> Finished:
     """Train `job` as `recipe` says into its output folder (resuming its last checkpoint if `resume`), publish
     the model with its card, and plot the run. Progress goes to `log`, one line at a time."""
+    log = main_process_log(log)
     out = Path(recipe.output_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        train_ds, eval_ds = job.build_datasets(out)
-    except BaseException:
-        remove_if_created(out, created)
-        raise
-    write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
+    # In a run of several processes the main one builds the data cache (and saves what else the job keeps) and
+    # writes the recipe; the others then read the cache it left.
+    with main_process_first():
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            train_ds, eval_ds = job.build_datasets(out)
+        except BaseException:
+            remove_if_created(out, created)
+            raise
+        if is_main_process():
+            write_text_atomic(out / "recipe.yaml", dump_recipe(recipe))
 
     log(job.describe(train_ds, eval_ds))
     has_eval = len(eval_ds) > 0

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
+    set_seed,
 )
 from trl import SFTConfig, SFTTrainer
 
@@ -40,7 +41,8 @@ from seshu.hub.card import describe_inputs, describe_model, render_card, usage_s
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
 from seshu.models.registry import ARCHS, arch_of, count_parameters, model_context_length
 from seshu.tokenizer import load_tokenizer
-from seshu.train.common import LanguageModelLossMixin, silent
+from seshu.train.common import LanguageModelLossMixin, main_process_log, silent
+from seshu.train.distributed import state
 from seshu.train.lora import apply_lora
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
@@ -228,7 +230,7 @@ def load_in_4bit(
             path,
             quantization_config=quantization,
             dtype=compute,
-            device_map={"": default_device()},
+            device_map={"": state().device},  # this process's own GPU when several train together
             use_safetensors=True,
         )
     except (OSError, ValueError) as exc:
@@ -272,6 +274,9 @@ def prepare_model(
         return base
     # New chat tokens start untrained: LoRA then also trains their embedding rows (and no other row).
     new_ids = tokenizer.convert_tokens_to_ids(list(CHAT_TOKENS)) if tokens_added else None
+    # LoRA's A matrices start random: seeded, a run repeats, and one of several processes starts where a single
+    # process would (DDP hands the main process's start to the others, whatever it is).
+    set_seed(recipe.train.seed)
     return apply_lora(base, recipe.sft.lora, "sft.lora", new_token_ids=new_ids)
 
 
@@ -357,6 +362,7 @@ def run(
 ) -> SFTResult:
     """Fine-tune as the recipe says; returns where the adapter (or model) went and its validation metrics.
     Progress, and a summary of the records read (and any skipped), goes to `log`, one line at a time."""
+    log = main_process_log(log)
     base_ref = check_start(recipe, resume)
     if recipe.vlm is not None:
         raise UserError(f"vlm: {base_ref} is a text-only model; the vlm section applies to a VLM base")
