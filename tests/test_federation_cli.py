@@ -242,7 +242,7 @@ def test_a_donor_round_trip_through_the_commands(world: dict[str, Path], made: M
     assert [(r["blind_id"], r["status"], r["scores"]) for r in rows] == [(sent["blind_id"], "validated", {})]
 
     # Validated is not accepted: there is nothing to release yet.
-    refused = seshu("server", "release", "--dir", made.folder, "--json")
+    refused = seshu("server", "release", "--dir", made.folder, "--device", "cpu", "--json")
     assert "no accepted submissions wait to be merged into v0; nothing to release" in refused.error
 
     worked = seshu("server", "worker", "--dir", made.folder, "--once", "--device", "cpu")

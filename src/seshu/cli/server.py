@@ -164,6 +164,9 @@ def release(
     method: str | None = typer.Option(None, "--method", help="fedavg, task_arithmetic, ties or dare_ties."),
     cpt: Path | None = typer.Option(None, "--cpt", help="Pretrain recipe for continued pretraining on server data."),
     push_to_hub: str | None = typer.Option(None, "--push-to-hub", help="Also publish to this Hub model repository."),
+    device: str | None = typer.Option(
+        None, "--device", help="Where the candidate is scored: cpu, cuda, mps (default: the best there is)."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Merge the accepted submissions into the current release and publish the next one if it holds up."""
@@ -174,7 +177,7 @@ def release(
     quiet_libraries()
     fed = Federation.open(folder)
     fed.db.check_schema()
-    outcome = publish_release(fed, method, cpt, report=_say)
+    outcome = publish_release(fed, method, cpt, report=_say, device=device)
     if outcome.published and push_to_hub:
         from seshu.federation.hub_push import push_release
 

@@ -62,8 +62,10 @@ def publish_release(
     method: str | None = None,
     cpt_recipe: Path | None = None,
     report: Report | None = None,
+    device: str | None = None,
 ) -> ReleaseOutcome:
-    """Merge, judge and (if it holds up) publish the next release; see the module's docstring."""
+    """Merge, judge and (if it holds up) publish the next release; see the module's docstring. The candidate is
+    scored on `device` (the evaluation workers' choice: default, the best there is)."""
     from seshu.federation.aggregate import Contribution, aggregation, merge_release, release_weights
     from seshu.federation.similarity import near_duplicate_groups
     from seshu.merge.adapters import read_adapter
@@ -109,7 +111,7 @@ def publish_release(
             say("continued pretraining on server data")
             candidate = _continue_pretraining(cpt_recipe, candidate, work, say)
         say("scoring the candidate on every frozen set")
-        metrics = score_folder(candidate, None, release_set_files(fed, current.eval_sets))
+        metrics = score_folder(candidate, None, release_set_files(fed, current.eval_sets), device=device)
         gate = release_gate(fed.policy, scores_of(metrics), scores_of(current.metrics))
         credits = [
             {
