@@ -219,15 +219,15 @@ class VLMSection(StrictModel):
     projector: Literal["train", "freeze"] = "train"
     # The folder the records' image and audio paths are relative to; None: the folder of each records file.
     media_folder: str | None = None
+    # The Whisper that transcribes `<audio>` (a folder or Hub id); None: the tiny.en of `seshu[speech]`.
+    whisper: str | None = None
+    # How much of each recording is heard: the seed system's first 10 seconds.
+    audio_seconds: float = Field(10.0, gt=0)
 
     @field_validator("media_folder")
     @classmethod
     def _resolve_packaged(cls, value: str | None) -> str | None:
         return None if value is None else assets.resolve(value)
-    # The Whisper that transcribes `<audio>` (a folder or Hub id); None: the tiny.en of `seshu[speech]`.
-    whisper: str | None = None
-    # How much of each recording is heard: the seed system's first 10 seconds.
-    audio_seconds: float = Field(10.0, gt=0)
 
 
 class SFTRecipe(StrictModel):
