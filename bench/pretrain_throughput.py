@@ -1,8 +1,10 @@
 """Pretraining throughput: `seshu pretrain` against a plain PyTorch loop, in tokens/s and MFU.
 
-Command (about 4 minutes on 2 idle CPU cores; --compile adds the torch.compile rows, about 6 more):
+Command (about 4 minutes on 2 idle CPU cores; --compile adds the torch.compile rows, about 6 more; --mamba-scan
+adds about 10):
     python bench/pretrain_throughput.py [--archs llama mixtral mamba] [--steps N] [--warmup N]
-        [--seq-len 256] [--batch-size 8] [--compile] [--out bench/results/pretrain_throughput.json]
+        [--seq-len 256] [--batch-size 8] [--compile] [--mamba-scan [--scan-steps 50]]
+        [--out bench/results/pretrain_throughput.json]
 
 Both sides train the same model (`seshu.train.pretrain.prepare_model`: same arch, preset and seed) on the same
 packed blocks (`build_block_datasets` over the bundled English + Hindi corpus, with a tokenizer trained once) with
@@ -25,6 +27,12 @@ fp32 GFLOP/s of a large square matmul measured in this run with the same thread 
 the linear layers only: it leaves out attention scores (up to 12 * layers * seq_len * hidden per token, 12% more at
 the small preset with seq_len 256, half that with the causal mask skipped) and Mamba's selective scan, so it
 understates the work; both sides get the same N, so their ratio is unaffected.
+
+--mamba-scan compares the selective scans that can train the Mamba preset: Seshu's chunked scan (what Seshu
+builds, `seshu.models.mamba`) against mambapy's parallel scan (what transformers runs on a CPU without Seshu: the
+same weights loaded into a plain `MambaForCausalLM`). Both are plain loops over the same batches from the same
+initial weights, interleaved step for step (which goes first alternates); the table gives their tokens/s and
+ratio, and the largest difference between their two loss curves over `--scan-steps` steps.
 """
 
 from __future__ import annotations
@@ -53,6 +61,8 @@ from machine import (  # bench/machine.py: the benchmarks' shared look at the ma
     wait_for_quiet,
 )
 from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     TrainerCallback,
     TrainerControl,
@@ -65,14 +75,15 @@ from transformers.trainer_pt_utils import get_parameter_names
 from seshu import assets
 from seshu.config import PretrainRecipe, validate
 from seshu.data.pipeline import build_block_datasets, training_documents
+from seshu.models.mamba import scan_path
 from seshu.models.registry import count_parameters
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from seshu.train import pretrain
 
 CORPUS = ("seshu:corpus/en.txt", "seshu:corpus/hi.txt")
 DEFAULT_OUT = Path(__file__).parent / "results" / "pretrain_throughput.json"
-# Mamba's mambapy scan runs at a few hundred tokens/s on 2 cores, so it gets fewer steps than the transformers.
-DEFAULT_STEPS = {"llama": 30, "mixtral": 30, "mamba": 8}
+# Mamba trains at a third of a Llama's speed on 2 cores, so it gets fewer steps than the transformers.
+DEFAULT_STEPS = {"llama": 30, "mixtral": 30, "mamba": 12}
 DEFAULT_WARMUP = {"llama": 3, "mixtral": 3, "mamba": 2}
 # With --compile the first steps compile the graph (tens of seconds): they must fall inside the warm-up.
 COMPILE_EXTRA_WARMUP = 3
@@ -199,9 +210,16 @@ def trainer_batch_sizes(num_blocks: int, batch_size: int) -> list[int]:
 class PlainLoop:
     """The hand-written baseline: same model, data and training math, nothing else. `step()` times itself."""
 
-    def __init__(self, recipe: PretrainRecipe, tokenizer: PreTrainedTokenizerBase, blocks: torch.Tensor) -> None:
+    def __init__(
+        self,
+        recipe: PretrainRecipe,
+        tokenizer: PreTrainedTokenizerBase,
+        blocks: torch.Tensor,
+        model: PreTrainedModel | None = None,
+    ) -> None:
+        """`model`: train this one instead of the recipe's (--mamba-scan's peer: the same weights, another scan)."""
         t = recipe.train
-        self.model = pretrain.prepare_model(recipe, tokenizer)
+        self.model = model if model is not None else pretrain.prepare_model(recipe, tokenizer)
         # A training loop has no use for a KV cache, and Trainer turns it off (config.use_cache = args.use_cache).
         # Left on, Llama and Mixtral build a DynamicCache in every forward: a dozen more cats and their backward.
         self.model.config.use_cache = False
@@ -221,6 +239,7 @@ class PlainLoop:
         self.batches = self._full_batches(blocks, t.batch_size, t.seed)
         self.seconds: list[float] = []
         self.tokens: list[int] = []
+        self.losses: list[float] = []
 
     @staticmethod
     def _full_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
@@ -242,6 +261,7 @@ class PlainLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.seconds.append(time.perf_counter() - start)
         self.tokens.append(batch.numel())
+        self.losses.append(loss.item())
 
 
 class Interleave(TrainerCallback):
@@ -448,6 +468,97 @@ def bench_arch(
 
 
 # --------------------------------------------------------------------------------------------------
+# Mamba: Seshu's chunked scan against mambapy's parallel scan
+
+
+@dataclass
+class ScanRow:
+    preset: str
+    warmup_steps: int
+    timed_steps: int
+    paths: dict[str, str]  # side -> the scan that trained it (seshu.models.mamba.scan_path)
+    tokens_per_second: dict[str, float]  # over the timed steps
+    ratio_seshu_over_mambapy: float
+    ratio_median_of_pairs: float  # median over timed steps of the two sides' step-rate ratio
+    losses: dict[str, list[float]]  # every step's training loss, warm-up included
+    max_abs_loss_difference: float
+    foreign_cpu: float | None
+
+
+def bench_mamba_scan(
+    args: argparse.Namespace, blocks: Blocks, tokenizer: PreTrainedTokenizerBase, work: Path
+) -> ScanRow:
+    """Seshu's Mamba (chunked scan) and the same weights in a plain transformers Mamba (mambapy), trained side by
+    side by the plain loop on the same batches, interleaved step for step."""
+    warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP["mamba"]
+    steps = args.scan_steps
+    recipe = make_recipe(
+        "mamba", args.preset, work / "mamba-scan", blocks.tokenizer_dir, args.seq_len, args.batch_size,
+        warmup + steps, warmup, args.seed, False,
+    )  # fmt: skip
+    seshu_side = PlainLoop(recipe, tokenizer, blocks.tensor)
+    plain_model = AutoModelForCausalLM.from_config(seshu_side.model.config)
+    plain_model.load_state_dict(seshu_side.model.state_dict())
+    sides = {"seshu": seshu_side, "mambapy": PlainLoop(recipe, tokenizer, blocks.tensor, model=plain_model)}
+    paths = {name: scan_path(side.model, "cpu") or "?" for name, side in sides.items()}
+    print(f"[mamba scan] {warmup} warm-up + {steps} timed steps: {paths['seshu']} vs {paths['mambapy']}", flush=True)
+    wait_for_quiet(args.max_wait)
+    monitor, foreign = CpuMonitor(), []
+    for step in range(warmup + steps):
+        monitor.start()
+        for name in ("seshu", "mambapy") if step % 2 == 0 else ("mambapy", "seshu"):
+            sides[name].step()
+        foreign.append(monitor.stop())
+    rates = {
+        name: round(sum(side.tokens[warmup:]) / sum(side.seconds[warmup:]), 1) for name, side in sides.items()
+    }  # fmt: skip
+    pairs = [sides["mambapy"].seconds[i] / sides["seshu"].seconds[i] for i in range(warmup, warmup + steps)]
+    losses = {name: side.losses for name, side in sides.items()}
+    row = ScanRow(
+        preset=args.preset,
+        warmup_steps=warmup,
+        timed_steps=steps,
+        paths=paths,
+        tokens_per_second=rates,
+        ratio_seshu_over_mambapy=round(rates["seshu"] / rates["mambapy"], 3),
+        ratio_median_of_pairs=round(statistics.median(pairs), 3),
+        losses=losses,
+        max_abs_loss_difference=max(abs(a - b) for a, b in zip(*losses.values(), strict=True)),
+        foreign_cpu=_mean(foreign[warmup:]),
+    )
+    print(
+        f"[mamba scan] seshu {rates['seshu']:,.0f} tok/s, mambapy {rates['mambapy']:,.0f} tok/s, "
+        f"ratio {row.ratio_seshu_over_mambapy:.2f}; loss curves differ by at most {row.max_abs_loss_difference:.2g}",
+        flush=True,
+    )
+    return row
+
+
+def print_scan_table(row: ScanRow, threads: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Mamba-{row.preset} training scans, fp32, {threads} threads, plain loop, same batches")
+    for name in ("scan", "tok/s", "vs mambapy", "loss at step 1", f"loss at step {len(row.losses['seshu'])}"):
+        table.add_column(name, justify="left" if name == "scan" else "right")
+    for side in ("seshu", "mambapy"):
+        table.add_row(
+            row.paths[side],
+            f"{row.tokens_per_second[side]:,.0f}",
+            f"{row.tokens_per_second[side] / row.tokens_per_second['mambapy']:.2f}",
+            f"{row.losses[side][0]:.4f}",
+            f"{row.losses[side][-1]:.4f}",
+        )
+    console = Console(width=132)
+    console.print(table)
+    console.print(
+        f"Largest difference between the two loss curves over {len(row.losses['seshu'])} steps: "
+        f"{row.max_abs_loss_difference:.2g}. Median of the per-step speed ratios: {row.ratio_median_of_pairs:.2f}. "
+        f"Other processes took {'?' if row.foreign_cpu is None else f'{row.foreign_cpu:.0%}'} of the CPU."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # Driver
 
 
@@ -487,7 +598,7 @@ def print_table(rows: Sequence[Row], ceiling: float, threads: int) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--archs", nargs="+", default=["llama", "mixtral", "mamba"])
+    parser.add_argument("--archs", nargs="*", default=["llama", "mixtral", "mamba"], help="none: --mamba-scan only")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30, mamba 8)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: 3, mamba 2)")
@@ -496,6 +607,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="also measure both sides with torch.compile")
+    parser.add_argument(
+        "--mamba-scan", action="store_true", help="also compare Seshu's Mamba scan with mambapy's (same batches)"
+    )
+    parser.add_argument("--scan-steps", type=int, default=50, help="timed steps of --mamba-scan (default: 50)")
     parser.add_argument(
         "--max-wait", type=float, default=60.0, help="seconds to wait for other processes to go quiet before each arch"
     )
@@ -514,6 +629,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"matmul ceiling: {ceiling['gflops_best']} GFLOP/s (median {ceiling['gflops_median']}), {threads} threads")
 
     rows: list[Row] = []
+    scan_row: ScanRow | None = None
     with tempfile.TemporaryDirectory(prefix="seshu-bench-") as tmp:
         work = Path(tmp)
         blocks = prepare_blocks(work, args.seq_len, args.vocab_size, args.seed)
@@ -526,6 +642,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for compile_model in (False, True) if args.compile else (False,):
             for arch in args.archs:
                 rows.append(bench_arch(arch, args, blocks, tokenizer, ceiling["gflops_best"], compile_model, work))
+        if args.mamba_scan:
+            scan_row = bench_mamba_scan(args, blocks, tokenizer, work)
     wait_for_quiet(args.max_wait)
     ceiling_end = matmul_ceiling()
     # Other processes can only slow the matmul down: the better of the two measurements is the ceiling.
@@ -534,7 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for side in (row.plain, row.seshu):
             side.mfu = round(6 * row.active_parameters * side.tokens_per_second / (used * 1e9), 4)
 
-    print_table(rows, used, threads)
+    if rows:
+        print_table(rows, used, threads)
+    if scan_row:
+        print_scan_table(scan_row, threads)
     sizes = trainer_batch_sizes(len(blocks.tensor), args.batch_size)
     report = {
         "benchmark": "pretrain_throughput",
@@ -572,6 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trainer_short_batch_blocks": sizes[-1] if sizes[-1] != args.batch_size else None,
         },
         "results": [asdict(row) for row in rows],
+        "mamba_scan": asdict(scan_row) if scan_row else None,
         "notes": [
             "MFU = 6 * active parameters * tokens/s / matmul ceiling "
             "(best fp32 GFLOP/s of 2048^3 matmuls at the same thread count, the better of start and end).",

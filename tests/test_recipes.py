@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from seshu.config import PretrainRecipe, SFTRecipe, load_recipe
 from seshu.merge.fold import fold_adapter
+from seshu.models.mamba.fast_path import PATH_SESHU
 from seshu.multimodal import pipeline
 from seshu.multimodal.pipeline import VLMRecipe
 from seshu.train import pretrain, sft
@@ -66,6 +67,8 @@ def test_tiny_pretraining_variants_train_and_lower_the_loss(name: str, tmp_path:
     result = pretrain.run(recipe)
     steps = losses(result.output_dir)
     assert steps[-1] < steps[0]
+    if recipe.model.arch == "mamba":  # the card says which selective scan trained it
+        assert f"scan: {PATH_SESHU}" in (result.output_dir / "README.md").read_text()
     assert result.steps == recipe.train.max_steps
     if recipe.track.report_to == "mlflow":
         assert (result.output_dir / "mlflow.db").stat().st_size > 0

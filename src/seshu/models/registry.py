@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from seshu.errors import UserError
+from seshu.models.mamba import use_fast_scan
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,9 @@ ARCHS: dict[str, ArchSpec] = {
             "base": dict(hidden_size=768, num_hidden_layers=24, state_size=16),
             "1b": dict(hidden_size=2048, num_hidden_layers=48, state_size=16),
         },
-        # Without the CUDA kernels transformers' sequential scan is ~19x slower than mambapy's parallel scan
-        # on a CPU; with the kernels installed, transformers uses them and ignores this flag.
+        # Seshu trains and evaluates with its own chunked scan (`build_model`, `load_causal_lm`: see
+        # seshu.models.mamba); this flag is for the saved model loaded without Seshu, where mambapy's parallel
+        # scan is ~19x faster than transformers' sequential one on a CPU. The CUDA kernels, where installed, win.
         fixed=dict(use_mambapy=True, tie_word_embeddings=True),
         # peft refuses out_proj and conv1d, and a LoRA on dt_proj is skipped by the CPU forward pass yet folded
         # by merge_and_unload, so only in_proj and x_proj train and fold faithfully.
@@ -279,7 +281,8 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     import torch
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
+    # Seshu's chunked selective scan for Mamba (a no-op for other archs); the model stays a plain transformers one.
+    return use_fast_scan(AutoModelForCausalLM.from_config(config))
 
 
 def arch_of(config: PretrainedConfig) -> ArchSpec | None:

@@ -27,7 +27,8 @@ from seshu.config import PretrainRecipe
 from seshu.data.pipeline import build_block_datasets, describe_text_units, training_documents
 from seshu.errors import UserError
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
-from seshu.models.loading import check_vocab_fits, embedding_rows, load_causal_lm
+from seshu.models.loading import check_vocab_fits, default_device, embedding_rows, load_causal_lm
+from seshu.models.mamba import scan_path
 from seshu.models.registry import (
     build_config,
     build_model,
@@ -130,6 +131,7 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
     if recipe.tokenizer.path:
         sources.append(recipe.tokenizer.path)
     tokens = steps * recipe.train.batch_size * recipe.train.grad_accum * recipe.train.seq_len
+    scan = scan_path(model, default_device())  # for a state-space model: which selective scan trained it
     metadata = {
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
@@ -143,6 +145,7 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
             "inputs": describe_inputs(sources),
             "init_from": describe_model(recipe.model.init_from) if recipe.model.init_from else None,
             "recipe": recipe.model_dump(mode="json"),
+            **({"scan": scan} if scan else {}),
         },
     }
     ppl = metrics.get("eval_perplexity")
@@ -151,6 +154,7 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
         f"{'continued from ' + recipe.model.init_from if recipe.model.init_from else 'trained from scratch'} "
         f"with Seshu for {steps} steps ({tokens:,} tokens per device)."
         + (f" Validation perplexity: {ppl:.2f}." if ppl is not None else "")
+        + (f" Trained with {scan}." if scan else "")
         + "\n\n"
         + usage_snippet()
     )
@@ -207,9 +211,11 @@ def run(
         return _card(recipe, model, done.metrics, done.steps)
 
     parameters = count_parameters(model)
+    scan = scan_path(model, default_device())
     describe = (
-        f"model: {model.config.model_type}, {parameters:,} parameters; "
-        f"{recipe.train.max_steps} steps of {tokens_per_step(recipe.train):,} tokens"
+        f"model: {model.config.model_type}, {parameters:,} parameters"
+        + (f" (scan: {scan})" if scan else "")
+        + f"; {recipe.train.max_steps} steps of {tokens_per_step(recipe.train):,} tokens"
     )
     job = Job(tokenizer, build_datasets, lambda *_: describe, make_trainer, card)
     done = run_job(recipe, job, resume=resume, callbacks=callbacks, log=log)

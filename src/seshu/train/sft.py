@@ -39,6 +39,7 @@ from seshu.data.pipeline import cached_rows, sources_state, state_digest, tokeni
 from seshu.errors import UserError, first_line
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
+from seshu.models.mamba import use_fast_scan
 from seshu.models.registry import ARCHS, arch_of, count_parameters, model_context_length
 from seshu.tokenizer import load_tokenizer
 from seshu.train.common import LanguageModelLossMixin, main_process_log, silent
@@ -237,6 +238,7 @@ def load_in_4bit(
         raise UserError(f"{path}: cannot load the model in 4 bits: {first_line(exc)}") from None
     if default_device() == "cpu":
         _keep_cpu_4bit_trainable(model)
+    use_fast_scan(model)  # a Mamba's training scan, as `load_causal_lm` gives the other methods
     prepared: PreTrainedModel = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=train.gradient_checkpointing
     )
