@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 
 from seshu.config import CleanSection
 from seshu.data.scripts import SCRIPTS, detect_script
@@ -119,6 +118,9 @@ class RecentNearDuplicates:
     """
 
     def __init__(self, window: int, threshold: float) -> None:
+        # Imported here: only near de-duplication needs it, and every training run imports this module.
+        from datasketch import MinHash, MinHashLSH
+
         self.window = window
         self.threshold = threshold
         self._lsh = MinHashLSH(num_perm=NUM_PERM, params=lsh_bands(threshold, NUM_PERM))
