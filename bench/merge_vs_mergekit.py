@@ -1,4 +1,5 @@
-"""Merging: wall time and peak memory of `seshu merge` against mergekit's `mergekit-yaml`, in the same run.
+"""Merging: wall time and peak memory of `seshu merge` against mergekit's `mergekit-yaml`, in the same run, and the
+disk-bound merges (linear, task_arithmetic) against the disk's own sequential read and write of the same bytes.
 
 Command (~9 minutes on 2 CPU cores with the defaults and built checkpoints; `--sizes tiny` checks it in 2 minutes):
     python bench/merge_vs_mergekit.py [--sizes 60m 740m] [--methods linear task_arithmetic ties dare_ties]
@@ -7,7 +8,10 @@ Command (~9 minutes on 2 CPU cores with the defaults and built checkpoints; `--s
 Per size: a fp32 Llama base (seeded random init) and two variants (base + seeded noise), built under `--work`. Per
 method: both tools merge the same three models from the same YAML, each in a child process (wall time around it,
 peak memory its own ru_maxrss, via a small launcher process), inputs read once before each run (warm cache), sides
-alternating; then the two outputs are compared tensor by tensor. bench/README.md (## merge_vs_mergekit) has the details.
+alternating; then the two outputs are compared tensor by tensor. For linear and task_arithmetic, seshu's merge time
+is then put against `dd` reading the same input files and writing as many bytes as the output, measured right there,
+from a warm cache (as the runs above) and from a cold one (inputs evicted from the page cache, output synced to the
+disk). bench/README.md (## merge_vs_mergekit) has the details.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ NOISE = 1e-3  # the variants' noise, relative to each tensor's std
 TOLERANCE = 1e-6  # |seshu - mergekit| above this is not rounding (a task-vector entry is ~2e-5 here)
 SEED = 0
 PACKAGES = ("seshu", "torch", "transformers", "safetensors")  # versions recorded (mergekit's venv: mergekit for seshu)
+DISK_METHODS = ("linear", "task_arithmetic")  # no statistics pass: one read of each input, one write, nothing else
+DD_BLOCK = 1 << 24  # dd's block size (16 MiB): large enough that dd itself costs nothing
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,9 +210,10 @@ def _launched_pid(launcher: int) -> int:
     return launcher
 
 
-def run_timed(command: list[str], log: Path) -> dict[str, Any]:
-    """Run one merge in a child process: its wall time, its own peak RSS (ru_maxrss, KiB on Linux), CPU time, and
-    the peaks of its anonymous and file-backed RSS sampled every 20 ms."""
+def run_timed(command: list[str], log: Path, output: Path) -> dict[str, Any]:
+    """Run one merge in a child process: its wall time, its own peak RSS (ru_maxrss, KiB on Linux), CPU time, the
+    peaks of its anonymous and file-backed RSS sampled every 20 ms, and the time to fsync its output folder `output`
+    afterwards (the write-back the merge left to the kernel; outside the wall time)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     anon = mapped = 0
     with log.with_suffix(".out").open("wb") as out, log.with_suffix(".err").open("wb") as err:
@@ -222,7 +229,8 @@ def run_timed(command: list[str], log: Path) -> dict[str, Any]:
     _, status, _ = reaped
     child.returncode = os.waitstatus_to_exitcode(status)
     usage = json.loads(usage_file.read_text()) if usage_file.is_file() else {"maxrss": 0, "cpu": 0.0}
-    os.sync()  # untimed: the dirty pages of this output must not be written back during the next run
+    sync_seconds = fsync_folder(output)
+    os.sync()  # untimed: no dirty page of this run may be written back during the next one
     result: dict[str, Any] = {
         "wall_seconds": round(wall, 2),
         "peak_mb": round(usage["maxrss"] / 1024, 1),
@@ -230,12 +238,82 @@ def run_timed(command: list[str], log: Path) -> dict[str, Any]:
         "sampled_peak_file_mb": round(mapped / 1024, 1),
         "cpu_seconds": round(usage["cpu"], 2),
         "returncode": child.returncode,
+        "output_fsync_seconds": sync_seconds,
     }
     with contextlib.suppress(OSError, IndexError, json.JSONDecodeError, TypeError, KeyError):  # seshu's --json
         result["own_seconds"] = json.loads(log.with_suffix(".out").read_text().splitlines()[-1])["seconds"]
     if child.returncode != 0:
         result["error_tail"] = log.with_suffix(".err").read_text(errors="replace")[-3000:]
     return result
+
+
+def fsync_folder(folder: Path) -> float:
+    """Seconds to fsync every file of `folder` (0 when there is none)."""
+    began = time.perf_counter()
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return round(time.perf_counter() - began, 3)
+
+
+def weight_files(folders: Sequence[Path]) -> list[Path]:
+    return [path for folder in folders for path in sorted(folder.glob("*.safetensors"))]
+
+
+def evict(files: Sequence[Path]) -> None:
+    """Drop the files' pages from the page cache (clean pages go: the inputs are never written), so that the next
+    read comes from the disk. posix_fadvise needs no privileges, unlike /proc/sys/vm/drop_caches."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_dd(*operands: str) -> float:
+    began = time.perf_counter()
+    subprocess.run(["dd", *operands, f"bs={DD_BLOCK}", "status=none"], check=True)
+    return time.perf_counter() - began
+
+
+def disk_reference(models: Sequence[Path], out_bytes: int, scratch: Path) -> dict[str, Any]:
+    """`dd` on the same bytes as a merge of `models`: reading every input file to /dev/null from a cold cache (the
+    files evicted first) and then from a warm one, and writing `out_bytes` of zeros with and without
+    conv=fdatasync (to the disk, or only to the page cache as a merge's own timing leaves it)."""
+    files = weight_files(models)
+    os.sync()
+    evict(files)
+    cold = sum(timed_dd(f"if={path}", "of=/dev/null") for path in files)
+    warm = sum(timed_dd(f"if={path}", "of=/dev/null") for path in files)
+    blocks = -(-out_bytes // DD_BLOCK)
+    written = {}
+    for key, extra in (("write_synced_seconds", ["conv=fdatasync"]), ("write_cached_seconds", [])):
+        written[key] = round(timed_dd("if=/dev/zero", f"of={scratch}", f"count={blocks}", *extra), 3)
+        scratch.unlink()
+        os.sync()
+    return {
+        "read_bytes": sum(path.stat().st_size for path in files),
+        "write_bytes": blocks * DD_BLOCK,
+        "read_cold_seconds": round(cold, 3),
+        "read_warm_seconds": round(warm, 3),
+        **written,
+    }
+
+
+def disk_ratios(merge_seconds: float, read: float, write: float) -> dict[str, float]:
+    """The merge's time over the disk's for the same bytes: reads then writes (what a merge that overlaps nothing
+    would take at best), and the longer of the two (what one that overlaps them perfectly would)."""
+    return {
+        "merge_seconds": round(merge_seconds, 3),
+        "read_seconds": round(read, 3),
+        "write_seconds": round(write, 3),
+        "over_read_plus_write": round(merge_seconds / (read + write), 3),
+        "over_max_read_write": round(merge_seconds / max(read, write), 3),
+    }
 
 
 def compare(seshu_out: Path, mergekit_out: Path, base: Path, method: str) -> dict[str, Any]:
@@ -286,6 +364,7 @@ class Row:
     check: dict[str, Any] | None
     config: dict[str, Any]  # the YAML both read
     loadavg_after: tuple[float, float, float]
+    disk: dict[str, Any] | None = None  # DISK_METHODS: seshu's merge time against dd on the same bytes
 
 
 def summarize(attempts: list[dict[str, Any]], command: list[str]) -> dict[str, Any]:
@@ -320,7 +399,7 @@ def bench_method(size: str, method: str, models: list[Path], work: Path, args: a
             shutil.rmtree(outs[side], ignore_errors=True)
             warm_cache(models)
             print(f"[{tag}] {side} (run {repeat + 1}/{args.repeats}) ...", end=" ", flush=True)
-            attempt = run_timed(commands[side], work / "logs" / f"{tag}-{side}-{repeat}")
+            attempt = run_timed(commands[side], work / "logs" / f"{tag}-{side}-{repeat}", outs[side])
             attempts[side].append(attempt)
             state = "ok" if attempt["returncode"] == 0 else f"FAILED (exit {attempt['returncode']})"
             own = f" (merging: {attempt['own_seconds']:.2f} s by its report)" if "own_seconds" in attempt else ""
@@ -334,9 +413,49 @@ def bench_method(size: str, method: str, models: list[Path], work: Path, args: a
         ratio = round(seshu["wall_seconds"] / mergekit["wall_seconds"], 3)
         check = compare(outs["seshu"], outs["mergekit"], models[0], method)
         print(f"[{tag}] seshu/mergekit time {ratio:.2f}; max |diff| {check_cell(method, check)}", flush=True)
+    disk = None
+    if method in DISK_METHODS and seshu["ok"]:
+        disk = against_disk(tag, models, outs["seshu"], commands["seshu"], work, attempts["seshu"][-1])
     for out in outs.values():  # 3 GB each at 740m
         shutil.rmtree(out, ignore_errors=True)
-    return Row(size, method, seshu, mergekit, ratio, check, config_dict, os.getloadavg())
+    return Row(size, method, seshu, mergekit, ratio, check, config_dict, os.getloadavg(), disk)
+
+
+def against_disk(
+    tag: str, models: list[Path], out: Path, command: list[str], work: Path, warm: dict[str, Any]
+) -> dict[str, Any]:
+    """seshu's merge time (its own report, without start-up) against `dd` on the same bytes, measured right after
+    its last run: warm (that run: inputs in the cache, output left in the page cache) and cold (inputs evicted
+    before a fresh seshu run, whose output is then fsynced: that time counts)."""
+    out_bytes = sum(path.stat().st_size for path in out.glob("*.safetensors"))
+    reference = disk_reference(models, out_bytes, work / "dd-write.tmp")
+    shutil.rmtree(out)
+    os.sync()
+    evict(weight_files(models))
+    print(f"[{tag}] seshu from a cold cache ...", end=" ", flush=True)
+    cold = run_timed(command, work / "logs" / f"{tag}-seshu-cold", out)
+    print(
+        f"{cold.get('own_seconds', float('nan')):.2f} s merging + {cold['output_fsync_seconds']:.2f} s fsync",
+        flush=True,
+    )
+    if "own_seconds" not in warm or "own_seconds" not in cold:
+        return {"reference": reference, "error": "a seshu run failed", "runs": {"warm": warm, "cold": cold}}
+    result = {
+        "reference": reference,
+        "warm": disk_ratios(warm["own_seconds"], reference["read_warm_seconds"], reference["write_cached_seconds"]),
+        "cold": disk_ratios(
+            cold["own_seconds"] + cold["output_fsync_seconds"],
+            reference["read_cold_seconds"],
+            reference["write_synced_seconds"],
+        ),
+        "runs": {"warm": warm, "cold": cold},
+    }
+    for state in ("warm", "cold"):
+        r = result[state]
+        print(f"[{tag}] {state}: merge {r['merge_seconds']:.2f} s, dd read {r['read_seconds']:.2f} s + write "
+              f"{r['write_seconds']:.2f} s: x{r['over_read_plus_write']:.2f} of read+write, "
+              f"x{r['over_max_read_write']:.2f} of max(read, write)", flush=True)  # fmt: skip
+    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -379,6 +498,31 @@ def print_table(rows: Sequence[Row], title: str) -> None:
         "Goal: seshu/mergekit wall time <= 0.5 for every method; seshu peak under 1 GB at 740m (not growing with\n"
         "the model). Peak MB: each child process's own ru_maxrss. max |diff|: largest |seshu - mergekit| over all\n"
         "tensors; dare_ties drops at random with different RNGs, so instead: L1 of seshu's task vector over mergekit's."
+    )
+
+
+def print_disk_table(rows: Sequence[Row]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="seshu merge against dd on the same bytes (merge time: seshu's own, without start-up)")
+    for name in ("size", "method", "cache", "merge s", "dd read s", "dd write s", "/ (read+write)", "/ max"):
+        table.add_column(name, justify="left" if name in ("size", "method", "cache") else "right")
+    for r in rows:
+        for state in ("warm", "cold"):
+            if r.disk and state in r.disk:
+                d = r.disk[state]
+                table.add_row(
+                    r.size, r.method, state, f"{d['merge_seconds']:.2f}", f"{d['read_seconds']:.2f}",
+                    f"{d['write_seconds']:.2f}", f"{d['over_read_plus_write']:.2f}", f"{d['over_max_read_write']:.2f}",
+                )  # fmt: skip
+    console = Console(width=132)
+    console.print(table)
+    console.print(
+        "warm: inputs in the page cache, the output left there (dd write without fdatasync); cold: inputs evicted\n"
+        "(posix_fadvise DONTNEED) before the merge, its output fsynced after it (counted), dd with conv=fdatasync.\n"
+        "/ (read+write) <= 1: the merge overlaps its reads and writes better than taking turns would; / max = 1 is\n"
+        "the limit of a perfect overlap."
     )
 
 
@@ -426,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     versions = mergekit_versions(args.mergekit) if args.mergekit else None
     print_table(rows, f"Merging 3 fp32 Llama checkpoints, {os.cpu_count()} CPUs: seshu against mergekit")
+    print_disk_table(rows)
     report = {
         "benchmark": "merge_vs_mergekit",
         "date": started.isoformat(timespec="seconds"),
@@ -437,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "env": {"HF_HUB_OFFLINE": "1"},
             "timing": "each side a subprocess; wall = perf_counter around it, peak = ru_maxrss via a launcher; inputs "
             "read once before every run (warm cache), os.sync() after it; sides alternate; the inputs' sha256 for "
-            "Seshu's card hashed once before the runs (checkpoints.<size>.seshu_input_hashing_seconds)",
+            "Seshu's card hashed once before the runs (checkpoints.<size>.seshu_input_hashing_seconds); "
+            "results[i].disk (linear, task_arithmetic): seshu's own merge seconds against dd on the same bytes",
         },
         "checkpoints": checkpoints,
         "environment": {

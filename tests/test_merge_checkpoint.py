@@ -3,8 +3,10 @@ that `safetensors` itself reads; damaged or foreign checkpoints fail with one li
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from seshu.merge.checkpoint import (
     Checkpoint,
     PlannedTensor,
     ShardedWriter,
+    WriteBehind,
     order_by_file,
     parse_size,
     read_header,
@@ -178,6 +181,32 @@ def test_the_writer_refuses_what_does_not_follow_its_plan(tmp_path: Path) -> Non
     other.write("a", torch.zeros(2, 3))
     with pytest.raises(RuntimeError, match="tensor b was never written"):
         other.finish()
+
+
+def test_write_behind_writes_the_same_bytes_on_its_own_thread(tmp_path: Path) -> None:
+    plan = [PlannedTensor(name, t.dtype, tuple(t.shape)) for name, t in TENSORS.items()]
+    for folder, behind in ((tmp_path / "direct", False), (tmp_path / "behind", True)):
+        folder.mkdir()
+        writer = ShardedWriter(folder, plan, max_shard_bytes=130)
+        with WriteBehind(writer, depth=1) if behind else contextlib.nullcontext(writer) as sink:
+            for name, tensor in TENSORS.items():
+                for part in torch.split(tensor.reshape(tensor.shape[0], -1) if tensor.dim() > 1 else tensor, 2):
+                    sink.write(name, part)
+            sink.finish()
+    for file in sorted(p.name for p in (tmp_path / "direct").iterdir()):
+        assert (tmp_path / "behind" / file).read_bytes() == (tmp_path / "direct" / file).read_bytes(), file
+
+
+def test_write_behind_hands_the_writers_error_to_the_caller_and_never_blocks(tmp_path: Path) -> None:
+    plan = [PlannedTensor("a", torch.float32, (64, 3)), PlannedTensor("b", torch.float32, (3,))]
+    with pytest.raises(RuntimeError, match="expected a"), WriteBehind(ShardedWriter(tmp_path, plan, 1 << 20)) as writer:
+        for _ in range(50):  # far more than the queue holds: the failed thread keeps taking them
+            writer.write("b", torch.zeros(3))
+        writer.finish()
+    with pytest.raises(KeyError), WriteBehind(ShardedWriter(tmp_path, plan, 1 << 20)) as writer:
+        writer.write("a", torch.zeros(1, 3))
+        raise KeyError("the caller fails")  # leaving the block stops the thread
+    assert not any(t.name == "seshu-write-behind" for t in threading.enumerate())
 
 
 @pytest.mark.parametrize(

@@ -133,3 +133,26 @@ def test_integer_parameters_keep_to_their_range() -> None:
     assert k.problem(0) == "k must be in [1, 8], got 0" and k.problem(9) is not None
     assert k.problem(2.5) == "parameters.k must be an integer" and k.problem(True) is not None
     assert k.resolved(3) == 3 and isinstance(k.resolved(3), int)
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_declared_task_vector_weights_are_what_the_method_merges(name: str, normalize: bool, density: float) -> None:
+    """Where a method says its merge is sum(c_i d_i) (which lets adapters re-factor from their factors), it is."""
+    method = methods.METHODS[name]
+    generator = torch.Generator().manual_seed(1)
+    base = torch.randn(6, 5, generator=generator)
+    inputs = [base + torch.randn(6, 5, generator=generator) for _ in range(method.inputs[1] or 3)]
+    count = len(inputs)
+    params = TensorParameters(
+        weights=(0.5, 2.0, 0.25)[:count], densities=(density,) * count, gammas=(0.1,) * count, normalize=normalize,
+        lambda_=0.7, t=0.3,
+    )  # fmt: skip
+    weights = method.task_vector_weights(params) if method.task_vector_weights else None
+    declared = {"linear": normalize, "task_arithmetic": True, "dare_linear": density == 1, "breadcrumbs": density == 1}
+    assert (weights is not None) == declared.get(name, False)
+    if weights is not None:
+        merged = merge_tensors(name, None if name == "linear" else base, inputs, params, dtype=torch.float64)
+        expected = sum(c * (x.double() - base.double()) for c, x in zip(weights, inputs, strict=True))
+        assert torch.allclose(merged - base.double(), expected, atol=1e-12)

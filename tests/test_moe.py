@@ -5,6 +5,8 @@ fields, and bad input fails with one line and no output. Router training is in t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,16 @@ import yaml
 from helpers import save_bpe_tokenizer
 from moe_helpers import CORPUS, DENSE, ENGLISH, NAMES, PROMPTS, config_for, dense, make_family, save_dense
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, PhiConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, MistralConfig, MixtralForCausalLM, PhiConfig
 from typer.testing import CliRunner
 
 from seshu.cli.moe import app
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.io import sha256_file
-from seshu.moe.build import assemble_moe, build_moe, fuse_expert_mlp
-from seshu.moe.config import MoEConfig, load_moe_config
+from seshu.moe.build import BuildReport, MoEAssemblyError, build_moe, fuse_expert_mlp
+from seshu.moe.config import MoEConfig, load_moe_config, mixtral_config
+from seshu.moe.layerwise import mlp_inputs_by_layer
 from seshu.moe.router import normalise_rows, random_gates
 
 
@@ -45,6 +48,12 @@ def built(family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     out = tmp_path_factory.mktemp("moe") / "moe"
     build_moe(config, out)
     return out, config
+
+
+def assembled(config: MoEConfig, folder: Path) -> tuple[Any, BuildReport]:
+    """Build the MoE into `folder` and load it back (float32, eval mode)."""
+    report = build_moe(config, folder / "moe")
+    return dense(folder / "moe"), report
 
 
 def biased_router(router: Any, expert: int, bias: float) -> Callable[[torch.Tensor], Any]:
@@ -76,9 +85,9 @@ def test_fuse_expert_mlp_puts_the_gate_rows_first() -> None:
 
 @pytest.mark.parametrize(("experts_per_token", "bias"), [(1, 1e4), (2, 60.0)], ids=["top1", "top2-large-bias"])
 def test_a_block_routed_to_one_expert_is_that_experts_dense_mlp(
-    family: dict[str, Path], monkeypatch: pytest.MonkeyPatch, experts_per_token: int, bias: float
+    family: dict[str, Path], monkeypatch: pytest.MonkeyPatch, experts_per_token: int, bias: float, tmp_path: Path
 ) -> None:
-    moe, _, _ = assemble_moe(config_for(family, gate_mode="random", experts_per_token=experts_per_token))
+    moe, _ = assembled(config_for(family, gate_mode="random", experts_per_token=experts_per_token), tmp_path)
     generator = torch.Generator().manual_seed(0)
     for layer_index, layer in enumerate(moe.model.layers):
         block, router = layer.mlp, layer.mlp.gate
@@ -101,7 +110,7 @@ def test_the_whole_moe_is_the_expert_whose_attention_it_has_when_only_that_exper
     paths = [save_dense(tmp_path / n, tokenizer_dir, s, config_class, **extra) for s, n in enumerate(NAMES)]
     experts = [{"source_model": str(p)} for p in paths]
     config = MoEConfig(base_model=str(paths[1]), experts=experts, gate_mode="random", experts_per_token=1)
-    moe, _, _ = assemble_moe(config)
+    moe, _ = assembled(config, tmp_path)
     assert moe.config.sliding_window == extra.get("sliding_window")
     ids = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -131,12 +140,128 @@ def moe_source(out: Path, expert: int) -> str:
     return str(meta["experts"][expert]["source_model"])
 
 
-def test_the_saved_moe_reloads_with_the_logits_of_the_one_in_memory(built: tuple[Path, MoEConfig]) -> None:
-    out, config = built
-    in_memory, _, _ = assemble_moe(config)
-    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+def assembled_in_memory(config: MoEConfig) -> Any:
+    """The MoE built the plain way (what `seshu moe build` did before it streamed): a whole MixtralForCausalLM in
+    float32 filled from whole dense models, random gates, then cast to the output dtype."""
+    base = dense(Path(config.base_model))
+    experts = [dense(Path(e.source_model)) for e in config.experts]
+    moe = MixtralForCausalLM(
+        mixtral_config(base.config, len(experts), config.experts_per_token, config.router_aux_loss_coef)
+    ).eval()
+    gates = random_gates(base.config.num_hidden_layers, len(experts), base.config.hidden_size, config.seed)
     with torch.no_grad():
-        torch.testing.assert_close(dense(out)(ids).logits, in_memory(ids).logits, atol=1e-6, rtol=1e-6)
+        for name, param in moe.named_parameters():
+            if ".mlp." in name:
+                continue
+            if config.shared_weights == "base":
+                param.copy_(dict(base.named_parameters())[name])
+                continue
+            param.zero_()
+            for expert in experts:
+                param.add_(dict(expert.named_parameters())[name], alpha=1.0 / len(experts))
+        for e, expert in enumerate(experts):
+            for layer, dense_layer in zip(moe.model.layers, expert.model.layers, strict=True):
+                mlp = dense_layer.mlp
+                gate_up, down = fuse_expert_mlp(mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+                layer.mlp.experts.gate_up_proj[e].copy_(gate_up)
+                layer.mlp.experts.down_proj[e].copy_(down)
+        for layer, rows in zip(moe.model.layers, gates, strict=True):
+            layer.mlp.gate.weight.copy_(rows)
+    return moe.to(getattr(torch, config.dtype or "float32"))
+
+
+@pytest.mark.parametrize("shared_weights", ["base", "average"])
+def test_the_streamed_build_writes_what_saving_the_whole_assembled_model_writes(
+    family: dict[str, Path], tmp_path: Path, shared_weights: str
+) -> None:
+    config = config_for(family, gate_mode="random", shared_weights=shared_weights, dtype="bfloat16", seed=5)
+    build_moe(config, tmp_path / "streamed")
+    assembled_in_memory(config).save_pretrained(str(tmp_path / "whole"))
+    ours, theirs = (load_file(str(tmp_path / f / "model.safetensors")) for f in ("streamed", "whole"))
+    assert set(ours) == set(theirs)
+    for name, tensor in ours.items():
+        assert tensor.dtype == theirs[name].dtype == torch.bfloat16 and torch.equal(tensor, theirs[name]), name
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / "streamed" / name).read_text()) == json.loads(
+            (tmp_path / "whole" / name).read_text()
+        )
+
+
+def test_an_expert_that_does_not_survive_the_move_stops_the_build(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    swapped = lambda gate, up, down: (torch.cat([up, gate]), down)  # noqa: E731 (up rows first: not Mixtral's order)
+    monkeypatch.setattr("seshu.moe.build.fuse_expert_mlp", swapped)
+    with pytest.raises(MoEAssemblyError, match="expert 0's MLP of layer 0 inside the MoE is off from its dense MLP"):
+        build_moe(config_for(family, gate_mode="random"), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("config_class", [LlamaConfig, MistralConfig], ids=["llama", "mistral"])
+def test_the_layer_by_layer_forward_gives_the_whole_models_mlp_inputs_to_the_bit(
+    config_class: type, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    extra = {"sliding_window": 4} if config_class is MistralConfig else {}  # shorter than the prompts: it matters
+    model = dense(save_dense(tmp_path / "m", tokenizer_dir, 3, config_class, **extra))
+    sequences = [[1, 5, 9, 20, 7, 3, 11], [1, 40, 2], [8]]
+    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
+    streamed = list(mlp_inputs_by_layer(model.config, lambda name: tensors[name].float(), sequences))
+    captured: list[torch.Tensor] = []
+    hooks = [layer.mlp.register_forward_pre_hook(lambda m, a: captured.append(a[0][0])) for layer in model.model.layers]
+    for ids in sequences:
+        with torch.no_grad():
+            model(torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    layers = len(model.model.layers)
+    assert len(streamed) == layers
+    for s, _ in enumerate(sequences):
+        for layer in range(layers):
+            assert torch.equal(streamed[layer][s], captured[s * layers + layer]), (s, layer)
+
+
+# Dense models ~14x their largest tensor (an MLP weight, 4096 x 512 floats: 8 MB), a MoE of three of them ~37x it.
+WIDE = dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=4)
+# In a fresh process: a small build first (imports, torch's and the allocator's first use), then the peak RSS
+# (VmHWM, reset through /proc/self/clear_refs) of the wide build, above the RSS it started from.
+MEMORY_PROBE = """
+import json, sys
+from pathlib import Path
+from seshu.moe.build import build_moe
+from seshu.moe.config import MoEConfig
+
+def status(key):
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(key))
+    return int(line.split()[1]) * 1024
+
+small, wide, out = sys.argv[1:4]
+build_moe(MoEConfig.model_validate_json(small), Path(out) / "small")
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS:")
+build_moe(MoEConfig.model_validate_json(wide), Path(out) / "wide")
+print(json.dumps({"increase": status("VmHWM:") - before}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc to reset the peak RSS")
+def test_the_build_streams_in_memory_bounded_by_the_largest_tensor(
+    family: dict[str, Path], tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    wide = {n: save_dense(tmp_path / n, tokenizer_dir, s, **WIDE) for s, n in enumerate(("base", *NAMES))}
+    configs = [config_for(f).model_dump_json() for f in (family, wide)]
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, *configs, str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    increase = json.loads(done.stdout.splitlines()[-1])["increase"]
+    largest = 4 * WIDE["intermediate_size"] * WIDE["hidden_size"]
+    written = (tmp_path / "out" / "wide" / "model.safetensors").stat().st_size
+    # What the build holds at once: the `hidden` gates' forward one decoder layer (~3.4 largest), then each expert's
+    # three weights, their fused copy for the check (2) and the tensor being written (1): ~6 largest. glibc keeps
+    # freed blocks for reuse, which can double that: 12. The fixed 32 MB: torch's and transformers' per-call
+    # scratch and the meta-device model skeletons. Holding the model would be the MoE itself, 306 MB.
+    assert increase < 12 * largest + (32 << 20), (increase / largest, written / largest)
+    assert increase < written / 2
 
 
 # --- gate modes ---------------------------------------------------------------------------------------------
@@ -177,9 +302,10 @@ def test_hidden_gates_are_the_normalised_mean_mlp_input_of_the_prompts(
             torch.testing.assert_close(layer.mlp.gate.weight[i], row, atol=1e-5, rtol=1e-5)
 
 
-def test_cheap_embed_gates_are_the_normalised_mean_token_embedding(family: dict[str, Path]) -> None:
+def test_cheap_embed_gates_are_the_normalised_mean_token_embedding(family: dict[str, Path], tmp_path: Path) -> None:
     config = config_for(family, gate_mode="cheap_embed")
-    moe, tokenizer, _ = assemble_moe(config)
+    moe, _ = assembled(config, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(str(family["base"]))
     embed = dense(family["base"]).model.embed_tokens.weight.detach()
     for i, expert in enumerate(config.experts):
         ids = [t for p in expert.positive_prompts for t in tokenizer(p, add_special_tokens=False)["input_ids"]]
@@ -188,8 +314,8 @@ def test_cheap_embed_gates_are_the_normalised_mean_token_embedding(family: dict[
             torch.testing.assert_close(layer.mlp.gate.weight[i], mean / mean.norm(), atol=1e-6, rtol=1e-6)
 
 
-def test_random_gates_are_seeded_unit_directions(family: dict[str, Path]) -> None:
-    moe, _, report = assemble_moe(config_for(family, gate_mode="random", seed=7))
+def test_random_gates_are_seeded_unit_directions(family: dict[str, Path], tmp_path: Path) -> None:
+    moe, report = assembled(config_for(family, gate_mode="random", seed=7), tmp_path)
     rows = torch.stack([layer.mlp.gate.weight.detach() for layer in moe.model.layers])
     torch.testing.assert_close(rows, random_gates(2, 3, 32, seed=7))
     torch.testing.assert_close(rows.norm(dim=-1), torch.ones(2, 3))
@@ -197,10 +323,10 @@ def test_random_gates_are_seeded_unit_directions(family: dict[str, Path]) -> Non
     assert report.warnings == [] and len(report.gate_max_cosine) == 2
 
 
-def test_experts_that_are_all_one_model_are_built_with_a_warning(family: dict[str, Path]) -> None:
+def test_experts_that_are_all_one_model_are_built_with_a_warning(family: dict[str, Path], tmp_path: Path) -> None:
     experts = [{"source_model": str(family["alpha"]), "positive_prompts": PROMPTS[n][:2]} for n in NAMES]
     experts = [{**e, "name": n} for e, n in zip(experts, NAMES, strict=True)]
-    _, _, report = assemble_moe(config_for(family, experts=experts))
+    _, report = assembled(config_for(family, experts=experts), tmp_path)
     assert any("every expert is the same model" in w for w in report.warnings), report.warnings
 
 
@@ -209,8 +335,8 @@ def test_normalise_rows_leaves_a_zero_vector_zero() -> None:
     assert torch.equal(rows, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
 
 
-def test_shared_weights_average_takes_the_mean_of_the_experts(family: dict[str, Path]) -> None:
-    moe, _, _ = assemble_moe(config_for(family, shared_weights="average", gate_mode="random"))
+def test_shared_weights_average_takes_the_mean_of_the_experts(family: dict[str, Path], tmp_path: Path) -> None:
+    moe, _ = assembled(config_for(family, shared_weights="average", gate_mode="random"), tmp_path)
     experts = [dense(family[n]) for n in NAMES]
     for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.k_proj.weight", "model.norm.weight"):
         expected = torch.stack([dict(e.named_parameters())[name] for e in experts]).mean(dim=0)

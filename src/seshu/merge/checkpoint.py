@@ -5,7 +5,8 @@ process's resident memory until the mapping goes, so merging three 3 GB models s
 little the merge itself holds. Reading rows with `pread` into a buffer of our own keeps the file cache outside
 the process. Writing likewise: `save_file` wants every tensor of a shard in memory at once, while a shard's
 header only needs the names, dtypes and shapes, which are known before the first tensor is merged, so
-`ShardedWriter` writes the header first and then each tensor's bytes as they come.
+`ShardedWriter` writes the header first and then each tensor's bytes as they come, and `WriteBehind` does that
+on a thread of its own while the caller reads and merges the next chunk.
 The format is the documented one (https://huggingface.co/docs/safetensors): an 8-byte little-endian header
 length, a JSON header, then the tensors' bytes; files written here load with `safetensors` and `transformers`.
 """
@@ -15,10 +16,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import BinaryIO
 
 import torch
@@ -45,6 +49,11 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+# posix_fadvise is Linux/BSD only; elsewhere reads are simply not announced ahead.
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+# Chunks a `WriteBehind` queue holds: two keep the writer busy while the reader fills the next one, and cost two
+# chunks (2 x 8 MB at the default chunk size) of memory.
+WRITE_BEHIND_DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -149,6 +158,11 @@ class Checkpoint:
             if got <= 0:
                 raise UserError(f"{info.file}: ends inside tensor {name}; the file is damaged")
             done += got
+        if _WILLNEED is not None and done:  # (a length of 0 would mean: the whole rest of the file)
+            # Reads go front to back (`order_by_file`): ask the kernel to fetch the next range of the same size
+            # now, asynchronously, so that from a cold cache the disk reads it while this chunk is merged and
+            # written. From a warm cache this finds the pages present and does nothing.
+            os.posix_fadvise(fd, offset + done, done, _WILLNEED)
         return buffer.view(info.dtype).reshape(stop - start, cols)
 
     def _fd(self, file: Path) -> int:
@@ -247,6 +261,59 @@ class ShardedWriter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return list(self.names)
+
+
+class WriteBehind:
+    """A `ShardedWriter` written on a thread of its own: `write` queues the chunk (at most `depth` wait) and
+    returns, so the caller reads and merges the next chunk while this one is written. A merge from disk then takes
+    about the longer of its reads and its writes instead of their sum (file reads and writes release the GIL).
+
+    Use it as a context manager; `finish` waits for the queued chunks and closes the writer. An error on the
+    writing thread is raised in the caller's at its next `write` or at `finish`."""
+
+    def __init__(self, writer: ShardedWriter, depth: int = WRITE_BEHIND_DEPTH) -> None:
+        self._writer = writer
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="seshu-write-behind", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        # After an error it keeps taking items (without writing them), so that the caller never blocks on a full
+        # queue; the caller sees the error at its next call.
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._writer.write(*item)
+                except BaseException as exc:  # handed to the caller's thread
+                    self._error = exc
+
+    def write(self, name: str, data: torch.Tensor) -> None:
+        """Queue `data` (the caller must not change it afterwards) for `ShardedWriter.write`."""
+        self._raise()
+        self._queue.put((name, data))
+
+    def finish(self) -> list[str]:
+        self._stop()
+        self._raise()
+        return self._writer.finish()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._stop()
 
 
 def parse_size(text: str | int) -> int:

@@ -13,12 +13,18 @@ from seshu.merge.spec import Chunk, Rows, TensorParameters
 SLERP_DOT_THRESHOLD = 0.9995
 
 
+def combination_weights(weights: Sequence[float], normalize: bool) -> tuple[float, ...]:
+    """The coefficients of sum(w_i x_i), over sum(w_i) when `normalize`."""
+    scale = 1.0 / sum(weights) if normalize else 1.0
+    return tuple(w * scale for w in weights)
+
+
 def linear_combination(tensors: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
     """sum(w_i x_i), over sum(w_i) when `normalize` (folded into the weights: one pass over the data fewer)."""
-    scale = 1.0 / sum(weights) if normalize else 1.0
-    out = tensors[0] * (weights[0] * scale)
-    for x, w in zip(tensors[1:], weights[1:], strict=True):
-        out.add_(x, alpha=w * scale)
+    coefficients = combination_weights(weights, normalize)
+    out = tensors[0] * coefficients[0]
+    for x, c in zip(tensors[1:], coefficients[1:], strict=True):
+        out.add_(x, alpha=c)
     return out
 
 
@@ -41,6 +47,11 @@ def linear_check(params: TensorParameters, deltas: bool) -> str | None:
 
 def linear(chunk: Chunk, params: TensorParameters, statistics: None) -> torch.Tensor:
     return linear_combination(chunk.inputs, params.weights, params.normalize)
+
+
+def linear_task_vector_weights(params: TensorParameters) -> tuple[float, ...] | None:
+    # Normalized, sum(w_i X_i) / sum(w_i) - B = sum(w_i d_i) / sum(w_i); unnormalized, the B term does not cancel.
+    return combination_weights(params.weights, True) if params.normalize else None
 
 
 def slerp_coefficients(dot: float, norm_a: float, norm_b: float, t: float, eps: float = 1e-8) -> tuple[float, float]:

@@ -5,7 +5,9 @@ alpha / r, or alpha / sqrt(r) with rsLoRA); an embedding adapter stores A: [r, v
 delta is (B @ A)^T * scale, as is a fan_in_fan_out (Conv1D) layer's. Merging adapters means merging these deltas:
 averaging the A's and the B's separately is not the same (the mean of products is not the product of means),
 which is what `seshu merge` avoids. A merged delta is generally of higher rank than any input; `refactor`
-returns the best rank-r approximation (truncated SVD, Eckart-Young) and how much of it is lost.
+returns the best rank-r approximation (truncated SVD, Eckart-Young) and how much of it is lost. When the merge is
+a weighted sum of the deltas, `refactor_sum` finds the same truncated SVD from the stacked factors without
+building the delta.
 
 Only plain LoRA on weight matrices has such a delta. DoRA rescales each column by a learned magnitude over the
 norm of W + delta_W, LoRA on `target_parameters` (fused MoE experts) and `modules_to_save` replace or wrap
@@ -15,6 +17,7 @@ weights in other ways: those adapters are refused with the way out (fold each, t
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +63,13 @@ class LoraPair:
         if self.transposed:
             return (b @ a[:, start:stop]).T.mul_(self.scale)
         return (b[start:stop] @ a).mul_(self.scale)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left [rows, r], right [r, cols]) in float64 with delta = left @ right, the scale in `left`."""
+        a, b = self.a.double(), self.b.double()
+        if self.transposed:  # (b a)^T s = (a^T s) b^T
+            return a.T * self.scale, b.T
+        return b * self.scale, a
 
 
 def adapter_pairs(files: AdapterFiles) -> dict[str, LoraPair]:
@@ -149,12 +159,39 @@ class Refactored:
 
 
 def refactor(delta: torch.Tensor, rank: int) -> Refactored:
-    """The best rank-`rank` factors of `delta` ([rows, cols]): b [rows, r] and a [r, cols] with b @ a ~ delta.
-
-    The singular values are split evenly (b = U sqrt(S), a = sqrt(S) V^T) so that neither factor dwarfs the
-    other when the adapter is trained further."""
+    """The best rank-`rank` factors of `delta` ([rows, cols]): b [rows, r] and a [r, cols] with b @ a ~ delta."""
     u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    r = min(rank, s.numel())
+    return _truncated(u, s, vh, rank)
+
+
+def refactor_sum(terms: Sequence[tuple[LoraPair, float]], rank: int) -> Refactored:
+    """`refactor` of sum(c_i delta_i) over (pair_i, c_i), from the factors alone.
+
+    The sum is L @ R with L = [c_1 left_1 | c_2 left_2 | ...] ([rows, K]) and R = [right_1; right_2; ...]
+    ([K, cols]), K the summed ranks. With L = Q_L R_L and R^T = Q_R R_R (QR), L R = Q_L (R_L R_R^T) Q_R^T, and
+    the SVD of the small core R_L R_R^T = U S V^T gives the delta's SVD (Q_L U) S (Q_R V)^T exactly: the same
+    singular values, the same factors up to sign. That is O((rows + cols) K^2) instead of the
+    O(rows cols min(rows, cols)) of an SVD of the delta (seconds for a 4096 x 4096 weight, per weight)."""
+    lefts, rights = zip(*(pair.factors() for pair, _ in terms), strict=True)
+    left = torch.cat([part * c for part, (_, c) in zip(lefts, terms, strict=True)], dim=1)
+    q_left, r_left = torch.linalg.qr(left)
+    q_right, r_right = torch.linalg.qr(torch.cat(rights, dim=0).T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
+    return _truncated(q_left @ u, s, vh @ q_right.T, rank)
+
+
+def _truncated(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> Refactored:
+    """The rank-`rank` truncation of the SVD u diag(s) vh. The singular values are split evenly (b = U sqrt(S),
+    a = sqrt(S) V^T) so that neither factor dwarfs the other when the adapter is trained further.
+
+    The result has rank min(rank, rows, cols) whatever s holds: a sum of low-rank deltas has fewer singular values
+    than that (the rest are 0), and the adapter's config promises one rank for every weight."""
+    r = min(rank, u.shape[0], vh.shape[1])
+    missing = r - s.numel()
+    if missing > 0:
+        s = torch.cat([s, s.new_zeros(missing)])
+        u = torch.cat([u, u.new_zeros(u.shape[0], missing)], dim=1)
+        vh = torch.cat([vh, vh.new_zeros(missing, vh.shape[1])])
     root = s[:r].sqrt()
     energy = float((s * s).sum())
     return Refactored(

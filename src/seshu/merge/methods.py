@@ -39,7 +39,7 @@ from typing import Protocol
 
 import torch
 
-from seshu.merge.interpolation import linear, linear_check, slerp, slerp_statistics
+from seshu.merge.interpolation import linear, linear_check, linear_task_vector_weights, slerp, slerp_statistics
 from seshu.merge.spec import NORMALIZE, WEIGHT, Chunk, MergeMethod, T, TensorParameters
 from seshu.merge.task_arithmetic import MAGNITUDE, OUTLIERS, RANDOM, SIGN_ELECTION, task_arithmetic_method
 
@@ -53,6 +53,7 @@ METHODS: dict[str, MergeMethod] = {
         MergeMethod(
             "linear", "weighted average of the inputs (a model soup)", linear, space="as_given", needs_base=False,
             parameters=(WEIGHT, NORMALIZE.defaulting(True)), check=linear_check,
+            task_vector_weights=linear_task_vector_weights,
         ),
         task_arithmetic_method("task_arithmetic", "base + lambda * weighted sum of task vectors"),
         task_arithmetic_method(

@@ -129,6 +129,10 @@ class MergeMethod:
     parameters: tuple[Param, ...] = (WEIGHT,)
     # Why these parameters cannot merge one tensor (None when they can); the bool: the inputs are task vectors.
     check: Callable[[TensorParameters, bool], str | None] | None = None
+    # When these parameters make the merged task vector a weighted sum of the inputs' task vectors, sum(c_i d_i):
+    # the c_i (else None). A merge of LoRA adapters then re-factors the merged delta straight from the stacked
+    # factors (`lora.refactor_sum`) instead of building the dense delta and taking its SVD.
+    task_vector_weights: Callable[[TensorParameters], tuple[float, ...] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.space == "task_vectors" and not self.needs_base:

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from seshu.merge.interpolation import linear_combination, nonzero_weight_sum
+from seshu.merge.interpolation import combination_weights, linear_combination, nonzero_weight_sum
 from seshu.merge.ranking import RankCut, cut_mask, magnitude_bits, rank_cut
 from seshu.merge.spec import DENSITY, GAMMA, LAMBDA, NORMALIZE, RESCALE, WEIGHT, Chunk, MergeMethod, Param, Rows
 from seshu.merge.spec import TensorParameters as Params
@@ -140,9 +140,11 @@ def elect(deltas: Sequence[torch.Tensor], weights: Sequence[float], normalize: b
 class Consensus:
     mix: Callable[[Sequence[torch.Tensor], Sequence[float], bool], torch.Tensor]
     check: Callable[[Params, bool], str | None] | None = None
+    # The coefficients of `mix` when it is a weighted sum of its inputs (weights, normalize), else None.
+    coefficients: Callable[[Sequence[float], bool], tuple[float, ...]] | None = None
 
 
-SUM = Consensus(summed, check=nonzero_weight_sum)
+SUM = Consensus(summed, check=nonzero_weight_sum, coefficients=combination_weights)
 SIGN_ELECTION = Consensus(elect)  # its divisor is per entry, and a zero one counts as 1
 
 
@@ -189,6 +191,13 @@ class _TaskArithmetic:
         state.counters = [[0, 0] for _ in range(count)]
         return state
 
+    def task_vector_weights(self, params: Params) -> tuple[float, ...] | None:
+        """lambda * the consensus' coefficients, when nothing is pruned and the consensus is a weighted sum."""
+        pruned = self.sparsify is not None and any(d < 1 for d in params.densities)
+        if pruned or self.consensus.coefficients is None:
+            return None
+        return tuple(c * params.lambda_ for c in self.consensus.coefficients(params.weights, params.normalize))
+
     def combine(self, chunk: Chunk, params: Params, state: _Pruning) -> torch.Tensor:
         where = (chunk.name, chunk.index)
         pruned = [self.pruned(d, params, state, i, where, state.counters[i]) for i, d in enumerate(chunk.inputs)]
@@ -218,4 +227,5 @@ def task_arithmetic_method(
         statistics=rules.statistics,
         parameters=(WEIGHT, DENSITY, *extra, NORMALIZE.defaulting(normalize), LAMBDA, RESCALE.defaulting(rescale)),
         check=consensus.check,
+        task_vector_weights=rules.task_vector_weights,
     )

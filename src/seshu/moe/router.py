@@ -14,13 +14,13 @@ Every row is scaled to unit length, so the modes differ in direction only and th
 `cos(gate, x) * |x|`. Means leave out the bos token each prompt starts with: its state is the same whatever
 the prompt, and in trained models it carries outsized activations that would swamp the mean.
 
-The functions here are pure (a model and token ids in, tensors out); `seshu.moe.build` does the I/O.
+The functions here are pure (token ids and states in, tensors out); `seshu.moe.layerwise` runs the base model
+for `hidden` and `seshu.moe.build` does the I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -51,42 +51,15 @@ def gate_rows(positive: torch.Tensor, negative: torch.Tensor | None) -> torch.Te
     return normalise_rows(direction.float())
 
 
-@torch.no_grad()
-def mlp_inputs(model: Any, ids: Sequence[int]) -> torch.Tensor:
-    """The hidden states entering every layer's MLP for one sequence: [layers, positions, hidden], float32.
-
-    Works for llama, mistral and Mixtral alike: a pre-hook on each decoder layer's `mlp` module records its
-    input, which is `post_attention_layernorm(h + attention(h))`, exactly what a Mixtral router reads.
-    """
-    layers = model.model.layers
-    captured: list[torch.Tensor | None] = [None] * len(layers)
-
-    def hook(index: int) -> Any:
-        def record(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
-            captured[index] = args[0].detach()[0].float().cpu()
-
-        return record
-
-    handles = [layer.mlp.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        device = next(model.parameters()).device
-        model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert all(c is not None for c in captured)
-    return torch.stack([c for c in captured if c is not None])
-
-
-def mean_hidden_state(model: Any, prompts: list[list[int]], bos_token_id: int | None) -> torch.Tensor:
-    """Mean over every text token of `prompts` of the MLP input of each layer: [layers, hidden]."""
+def mean_state(states: Sequence[torch.Tensor], prompts: list[list[int]], bos_token_id: int | None) -> torch.Tensor:
+    """Mean over every text token of `prompts` of their states (one [positions, hidden] each): [hidden]."""
     total: torch.Tensor | None = None
     count = 0
-    for ids in prompts:
-        states = mlp_inputs(model, ids)[:, text_start(ids, bos_token_id) :]
-        summed = states.sum(dim=1)
+    for ids, state in zip(prompts, states, strict=True):
+        text = state[text_start(ids, bos_token_id) :]
+        summed = text.sum(dim=0)
         total = summed if total is None else total + summed
-        count += states.shape[1]
+        count += text.shape[0]
     assert total is not None and count > 0
     return total / count
 
@@ -105,9 +78,31 @@ def _expert_rows(experts: ExpertPrompts, mean_of: Callable[[list[list[int]]], to
     return [gate_rows(mean_of(positive), mean_of(negative) if negative else None) for positive, negative in experts]
 
 
-def hidden_gates(model: Any, experts: ExpertPrompts, bos_token_id: int | None) -> torch.Tensor:
+# Given token sequences, the hidden states entering each layer's MLP, layer by layer: for each layer (in order)
+# one [positions, hidden] tensor per sequence (`seshu.moe.layerwise.mlp_inputs_by_layer`).
+LayerStates = Callable[[list[list[int]]], Iterable[list[torch.Tensor]]]
+
+
+def hidden_gates(layer_states: LayerStates, experts: ExpertPrompts, bos_token_id: int | None) -> torch.Tensor:
     """`hidden` mode: [layers, experts, hidden]."""
-    rows = _expert_rows(experts, lambda ids: mean_hidden_state(model, ids, bos_token_id))
+    groups = [group for positive, negative in experts for group in (positive, negative)]
+    layers: list[list[torch.Tensor | None]] = []  # per layer, the mean state of each group (None: no prompts)
+    for states in layer_states([ids for group in groups for ids in group]):
+        at, means = 0, []
+        for group in groups:
+            means.append(mean_state(states[at : at + len(group)], group, bos_token_id) if group else None)
+            at += len(group)
+        layers.append(means)
+
+    def over_layers(group: int) -> torch.Tensor | None:
+        means = [m[group] for m in layers]
+        return torch.stack([m for m in means if m is not None]) if means[0] is not None else None
+
+    rows = []
+    for e in range(len(experts)):
+        positive = over_layers(2 * e)
+        assert positive is not None  # `check_config` requires positive prompts in this mode
+        rows.append(gate_rows(positive, over_layers(2 * e + 1)))
     return torch.stack(rows, dim=1)
 
 
