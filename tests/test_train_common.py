@@ -153,6 +153,16 @@ def tiny_trainer(out: Path, max_steps: int, eval_rows: int = 0, arch: str = "lla
     )
 
 
+def test_adamw_trains_as_the_fused_kernel(tmp_path: Path) -> None:
+    trainer = tiny_trainer(tmp_path / "run", max_steps=2)
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is True
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    eight_bit = training_arguments(TrainSection(optimizer="adamw_8bit"), TrackSection(), tmp_path, has_eval=False)
+    assert eight_bit["optim"] == "adamw_8bit"
+
+
 def test_resuming_says_what_it_does_and_refuses_a_finished_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     lines: list[str] = []
