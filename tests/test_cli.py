@@ -111,6 +111,13 @@ def test_a_user_error_is_one_line_in_a_process_of_its_own(tmp_path: Path) -> Non
     assert result.stderr.splitlines() == [f"error: {tmp_path / 'missing.yaml'}: recipe file not found"], result.stderr
 
 
+def test_under_a_launcher_only_the_main_process_reports_a_user_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+    other = seshu("pretrain", "--config", missing, env={"RANK": "1"})
+    assert other.code == 2 and other.err == ""
+    assert "recipe file not found" in seshu("pretrain", "--config", missing, env={"RANK": "0"}).error
+
+
 # ------------------------------------------------------------------------------------------------ tokenizer
 # The tokenizer's own behaviour (round trips, balancing, statistics) is tested in tests/test_tokenizer.py.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 
 import typer
@@ -63,5 +64,7 @@ def main() -> None:
     try:
         app(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # Under torchrun or accelerate every process meets the same bad input: the main one (rank 0) says so.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
