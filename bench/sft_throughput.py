@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -464,16 +464,20 @@ class Row:
         return {**asdict(self), "ratio_seshu_over_direct": round(self.ratio, 3), "same_batches": same_batches}
 
 
-def bench_method(method: str, args: argparse.Namespace, prepared: Prepared, work: Path) -> Row:
-    print(f"[{method}] {args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats}", flush=True)
+def alternate_sides(
+    label: str, repeats: int, run: Callable[[str, int], dict[str, Any]]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, list[float]]]:
+    """`run(side, attempt)` for `repeats` attempts of each side, alternating; the median attempt of each side (the
+    same training checked: equal trainable parameters) and every attempt's tokens/s."""
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "seshu": []}
-    for attempt in range(args.repeats):
+    for attempt in range(repeats):
         for side in ("direct", "seshu"):  # alternating spreads a slow spell of the machine over both sides
-            figures = run_worker(side, method, args, prepared, work, str(attempt))
+            figures = run(side, attempt)
             runs[side].append(figures)
             print(
-                f"[{method}] {side}: {figures['tokens_per_second']:,.0f} tok/s, peak {figures['peak_rss_mb']:,.0f} MB "
-                f"(training {figures['train_peak_mb'] or 0:,.0f} MB), foreign cpu {figures['foreign_cpu']}",
+                f"[{label}] {side} {attempt + 1}/{repeats}: {figures['tokens_per_second']:,.0f} tok/s, peak "
+                f"{figures['peak_rss_mb']:,.0f} MB (training {figures['train_peak_mb'] or 0:,.0f} MB), "
+                f"foreign cpu {figures['foreign_cpu']}",
                 flush=True,
             )
     # Even on an idle machine, single attempts of both sides scatter by about +-10%: the median attempt of each side
@@ -481,10 +485,18 @@ def bench_method(method: str, args: argparse.Namespace, prepared: Prepared, work
     seshu, direct = median_attempt(runs["seshu"]), median_attempt(runs["direct"])
     if seshu["trainable_parameters"] != direct["trainable_parameters"]:
         raise RuntimeError(
-            f"{method}: seshu trains {seshu['trainable_parameters']:,} parameters, the direct side "
+            f"{label}: seshu trains {seshu['trainable_parameters']:,} parameters, the direct side "
             f"{direct['trainable_parameters']:,}; the two are not the same training"
         )
     attempts = {side: [f["tokens_per_second"] for f in figures] for side, figures in runs.items()}
+    return seshu, direct, attempts
+
+
+def bench_method(method: str, args: argparse.Namespace, prepared: Prepared, work: Path) -> Row:
+    print(f"[{method}] {args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats}", flush=True)
+    seshu, direct, attempts = alternate_sides(
+        method, args.repeats, lambda side, attempt: run_worker(side, method, args, prepared, work, str(attempt))
+    )
     return Row(method, prepared.parameters, seshu["trainable_parameters"], seshu, direct, attempts)
 
 

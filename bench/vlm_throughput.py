@@ -61,7 +61,7 @@ from sft_throughput import (  # bench/sft_throughput.py: the same measuring, for
     StepMeter,
     _status_mb,
     _version,
-    median_attempt,
+    alternate_sides,
     peak_rss_mb,
     rows_digest,
     summarize,
@@ -407,24 +407,9 @@ def run_worker(side: str, task: str, args: argparse.Namespace, prepared: Prepare
 
 def bench_task(task: str, args: argparse.Namespace, prepared: Prepared, work: Path) -> Row:
     print(f"[{task}] {args.warmup} warm-up + {args.steps} timed steps, median of {args.repeats}", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"direct": [], "seshu": []}
-    for attempt in range(args.repeats):
-        for side in ("direct", "seshu"):  # alternating spreads a slow spell of the machine over both sides
-            figures = run_worker(side, task, args, prepared, work, str(attempt))
-            runs[side].append(figures)
-            print(
-                f"[{task}] {side} {attempt + 1}/{args.repeats}: {figures['tokens_per_second']:,.0f} tok/s, peak "
-                f"{figures['peak_rss_mb']:,.0f} MB (training {figures['train_peak_mb'] or 0:,.0f} MB), "
-                f"{figures['wall_seconds']:.0f} s, foreign cpu {figures['foreign_cpu']}",
-                flush=True,
-            )
-    seshu, direct = median_attempt(runs["seshu"]), median_attempt(runs["direct"])
-    if seshu["trainable_parameters"] != direct["trainable_parameters"]:
-        raise RuntimeError(
-            f"{task}: seshu trains {seshu['trainable_parameters']:,} parameters, the direct side "
-            f"{direct['trainable_parameters']:,}; the two are not the same training"
-        )
-    attempts = {side: [f["tokens_per_second"] for f in figures] for side, figures in runs.items()}
+    seshu, direct, attempts = alternate_sides(
+        task, args.repeats, lambda side, attempt: run_worker(side, task, args, prepared, work, str(attempt))
+    )
     return Row(task, prepared.model["parameters"], seshu["trainable_parameters"], seshu, direct, attempts)
 
 
