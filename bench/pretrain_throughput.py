@@ -1,38 +1,43 @@
 """Pretraining throughput: `seshu pretrain` against a plain PyTorch loop, in tokens/s and MFU.
 
-Command (about 4 minutes on 2 idle CPU cores; --compile adds the torch.compile rows, about 6 more; --mamba-scan
-adds about 10):
+Command (about 16 minutes on 2 idle CPU cores: 6 for the three archs, 10 for the Mamba scans; --no-mamba-scan
+skips those, --compile adds the torch.compile rows, about 6 more):
     python bench/pretrain_throughput.py [--archs llama mixtral mamba] [--steps N] [--warmup N]
-        [--seq-len 256] [--batch-size 8] [--compile] [--mamba-scan [--scan-steps 50]]
-        [--out bench/results/pretrain_throughput.json]
+        [--seq-len 256] [--batch-size 8] [--precision auto|fp32|bf16] [--compile]
+        [--no-mamba-scan | --scan-steps 50] [--out bench/results/pretrain_throughput.json]
 
-Both sides train the same model (`seshu.train.pretrain.prepare_model`: same arch, preset and seed) on the same
-packed blocks (`build_block_datasets` over the bundled English + Hindi corpus, with a tokenizer trained once) with
-the same training math: AdamW with the recipe's lr, betas, eps and weight decay (none on biases and norms, as
-Trainer does), the recipe's LR schedule, gradient clipping at `train.max_grad_norm` (1.0 by default) and no KV
-cache (Trainer turns it off). The plain loop is what a person would write by hand: full batches of blocks already
-in one tensor, forward, backward, clip, step, zero_grad. Seshu is `seshu.train.pretrain.run(recipe)`, i.e.
-transformers' Trainer with Seshu's collator, callbacks and run log.
+Seshu trains with its defaults (`--precision`: its `train.precision`, `auto` unless told otherwise: bf16 mixed
+precision on hardware that computes bf16 natively). Its peers are a plain PyTorch loop in fp32 and, when Seshu
+trains in bf16, the same loop under bf16 autocast (float32 weights and AdamW, as one writes mixed precision by
+hand). All train the same model (`seshu.train.pretrain.prepare_model`: same arch, preset, seed and model code) on
+the same packed blocks (`build_block_datasets` over the bundled English + Hindi corpus, with a tokenizer trained
+once) with the same training math: AdamW with the recipe's lr, betas, eps and weight decay (none on biases and
+norms, as Trainer does), the recipe's LR schedule, gradient clipping at `train.max_grad_norm` (1.0 by default)
+and no KV cache (Trainer turns it off). The plain loop is what a person would write by hand: full batches of
+blocks already in one tensor, forward, backward, clip, step, zero_grad. Seshu is
+`seshu.train.pretrain.run(recipe)`, i.e. transformers' Trainer with Seshu's collator, callbacks and run log.
 
-The two run interleaved, step for step: a TrainerCallback takes a timestamp at each of Seshu's `on_step_end` and
-then runs one plain-loop step on the plain model. Seshu's step time is from the end of that plain step to its next
-`on_step_end` (so Trainer's logging, dataloader and collator are inside it), the plain step's is its own. On a
-machine shared with other work (someone's test run) a slow spell then hits both sides alike, and the ratio stays
+They run interleaved, step for step: a TrainerCallback takes a timestamp at each of Seshu's `on_step_end` and
+then runs one step of each plain loop. Seshu's step time is from the end of the last plain step to its next
+`on_step_end` (so Trainer's logging, dataloader and collator are inside it), each plain step's is its own. On a
+machine shared with other work (someone's test run) a slow spell then hits all sides alike, and the ratios stay
 meaningful even when the absolute figures do not. Tokens/s counts the steps after the warm-up (start-up,
 dataset building, compilation, the final evaluation and save are outside), with each step's real token count.
+The two plain loops start from the same weights and see the same batches, so the largest difference between
+their loss curves says how far bf16 moves training.
 
-MFU = 6 * N * tokens/s / ceiling, where N is the parameter count (tied embeddings once; for a mixture of experts
-the *active* parameters: everything outside the experts plus experts * top_k / num_experts) and the ceiling is the
-fp32 GFLOP/s of a large square matmul measured in this run with the same thread count. 6N counts the matmuls of
-the linear layers only: it leaves out attention scores (up to 12 * layers * seq_len * hidden per token, 12% more at
-the small preset with seq_len 256, half that with the causal mask skipped) and Mamba's selective scan, so it
-understates the work; both sides get the same N, so their ratio is unaffected.
+MFU = 6 * N * tokens/s / ceiling, where N is the parameter count (tied embeddings once; for a mixture of experts the
+*active* parameters: everything outside the experts plus experts * top_k / num_experts) and the ceiling is the
+GFLOP/s of a large square matmul in the side's precision, measured in this run with the same thread count. 6N counts
+the matmuls of the linear layers only: it leaves out attention scores (up to 12 * layers * seq_len * hidden per
+token, 12% more at the small preset with seq_len 256, half that with the causal mask skipped) and Mamba's selective
+scan, so it understates the work; all sides get the same N.
 
---mamba-scan compares the selective scans that can train the Mamba preset: Seshu's chunked scan (what Seshu
-builds, `seshu.models.mamba`) against mambapy's parallel scan (what transformers runs on a CPU without Seshu: the
-same weights loaded into a plain `MambaForCausalLM`). Both are plain loops over the same batches from the same
-initial weights, interleaved step for step (which goes first alternates); the table gives their tokens/s and
-ratio, and the largest difference between their two loss curves over `--scan-steps` steps.
+The Mamba scan comparison (on by default) compares the selective scans that can train the Mamba preset: Seshu's
+chunked scan (what Seshu builds, `seshu.models.mamba`) against mambapy's parallel scan (what transformers runs on a
+CPU without Seshu: the same weights loaded into a plain `MambaForCausalLM`). Both are plain loops over the same
+batches from the same initial weights, interleaved step for step (which goes first alternates); the table gives
+their tokens/s and ratio, and the largest difference between their two loss curves over `--scan-steps` steps.
 """
 
 from __future__ import annotations
@@ -79,12 +84,14 @@ from seshu.models.mamba import scan_path
 from seshu.models.registry import count_parameters
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from seshu.train import pretrain
+from seshu.train.precision import resolve_precision
 
 CORPUS = ("seshu:corpus/en.txt", "seshu:corpus/hi.txt")
 DEFAULT_OUT = Path(__file__).parent / "results" / "pretrain_throughput.json"
 # Mamba trains at a third of a Llama's speed on 2 cores, so it gets fewer steps than the transformers.
 DEFAULT_STEPS = {"llama": 30, "mixtral": 30, "mamba": 12}
 DEFAULT_WARMUP = {"llama": 3, "mixtral": 3, "mamba": 2}
+CEILING_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # With --compile the first steps compile the graph (tens of seconds): they must fall inside the warm-up.
 COMPILE_EXTRA_WARMUP = 3
 # Parameter names Trainer exempts from weight decay (transformers 5, Trainer.get_decay_parameter_names).
@@ -95,9 +102,10 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 # The machine: its matmul ceiling and how busy other processes keep it
 
 
-def matmul_ceiling(n: int = 2048, reps: int = 8) -> dict[str, float]:
-    """fp32 GFLOP/s of an n x n @ n x n matmul (2 n^3 flops) at the current torch thread count: best and median."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_ceiling(n: int = 2048, reps: int = 8, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """GFLOP/s of an n x n @ n x n matmul (2 n^3 flops) in `dtype` at the current torch thread count: best and
+    median."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         torch.mm(a, b)
     rates = []
@@ -133,7 +141,7 @@ def block_digest(rows: np.ndarray) -> str:
 
 def prepare_blocks(work: Path, seq_len: int, vocab_size: int, seed: int) -> Blocks:
     """Train the tokenizer once, save it for the recipes, and pack the training blocks both sides read."""
-    data = make_recipe("llama", "small", work, work / "tokenizer", seq_len, 8, 1, 0, seed, False).data
+    data = make_recipe("llama", "small", work, work / "tokenizer", seq_len, 8, 1, 0, seed, False, "fp32").data
     tokenizer = train_tokenizer(training_documents(data, seed), vocab_size, "bpe", seed=seed)
     save_tokenizer(tokenizer, work / "tokenizer")
     train, _ = build_block_datasets(data, tokenizer, seq_len, seed, work / "data-cache")
@@ -163,6 +171,7 @@ def make_recipe(
     warmup: int,
     seed: int,
     compile_model: bool,
+    precision: str,
 ) -> PretrainRecipe:
     raw = {
         "model": {"arch": arch, "preset": preset},
@@ -178,6 +187,7 @@ def make_recipe(
             "eval_every": max_steps + 1,
             "save_every": max_steps + 1,
             "compile": compile_model,
+            "precision": precision,
             "seed": seed,
         },
         "output_dir": str(out),
@@ -216,9 +226,13 @@ class PlainLoop:
         tokenizer: PreTrainedTokenizerBase,
         blocks: torch.Tensor,
         model: PreTrainedModel | None = None,
+        precision: str = "fp32",
     ) -> None:
-        """`model`: train this one instead of the recipe's (--mamba-scan's peer: the same weights, another scan)."""
+        """`model`: train this one instead of the recipe's (the Mamba scan's peer: the same weights, another scan).
+        `precision`: fp32, or bf16 under `torch.autocast` around the forward, as one writes mixed precision by
+        hand (float32 weights and optimizer, as Trainer keeps them)."""
         t = recipe.train
+        self.precision = precision
         self.model = model if model is not None else pretrain.prepare_model(recipe, tokenizer)
         # A training loop has no use for a KV cache, and Trainer turns it off (config.use_cache = args.use_cache).
         # Left on, Llama and Mixtral build a DynamicCache in every forward: a dozen more cats and their backward.
@@ -253,7 +267,8 @@ class PlainLoop:
     def step(self) -> None:
         start = time.perf_counter()
         batch = next(self.batches)
-        loss = self.forward(input_ids=batch, labels=batch).loss  # Mixtral's includes the router's aux loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            loss = self.forward(input_ids=batch, labels=batch).loss  # Mixtral's includes the router's aux loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
@@ -265,15 +280,15 @@ class PlainLoop:
 
 
 class Interleave(TrainerCallback):
-    """Times each of Seshu's steps and runs one plain-loop step after it, so both meet the same machine.
+    """Times each of Seshu's steps and runs one step of each plain loop after it, so all meet the same machine.
 
     Each step also gets the share of the CPU other processes took meanwhile, and before each timed pair it waits
     (out of a budget of `max_wait` seconds in all) for the machine to go quiet. It also checks that Trainer reads
     the benchmark's very blocks and notes Trainer's thread count.
     """
 
-    def __init__(self, plain: PlainLoop, warmup: int, sizes: list[int], seq_len: int, max_wait: float) -> None:
-        self.plain = plain
+    def __init__(self, plains: list[PlainLoop], warmup: int, sizes: list[int], seq_len: int, max_wait: float) -> None:
+        self.plains = plains
         self.warmup = warmup
         self.sizes = sizes
         self.seq_len = seq_len
@@ -281,7 +296,7 @@ class Interleave(TrainerCallback):
         self.seconds: list[float] = []
         self.tokens: list[int] = []
         self.foreign: list[float | None] = []
-        self.plain_foreign: list[float | None] = []
+        self.plain_foreign: list[list[float | None]] = [[] for _ in plains]
         # From the end of the previous step (and its plain step) to the start of this one: Trainer's logging,
         # the dataloader and the collator.
         self.gaps: list[float] = []
@@ -311,9 +326,10 @@ class Interleave(TrainerCallback):
         self.foreign.append(self.monitor.stop())
         self.seconds.append(now - self._resume)
         self.tokens.append(self.sizes[(state.global_step - 1) % len(self.sizes)] * self.seq_len)
-        self.monitor.start()
-        self.plain.step()
-        self.plain_foreign.append(self.monitor.stop())
+        for plain, foreign in zip(self.plains, self.plain_foreign, strict=True):
+            self.monitor.start()
+            plain.step()
+            foreign.append(self.monitor.stop())
         if state.global_step >= self.warmup and state.global_step < state.max_steps and self.wait_budget > 0:
             self.wait_budget -= wait_for_quiet(self.wait_budget, sample=1.0)
         self.monitor.start()
@@ -370,11 +386,18 @@ class Row:
     # (used when at least a third of the pairs were quiet); "all steps" otherwise.
     basis: str
     quiet_pairs: int
-    plain: Side
+    seshu_precision: str  # what `train.precision` (--precision) trained Seshu in here
+    plain: Side  # the plain fp32 loop
     seshu: Side
     ratio_seshu_over_plain: float
     # The median over timed steps of (seshu step rate / the following plain step's rate): robust to a burst of load.
     ratio_median_of_pairs: float
+    # The plain loop in Seshu's precision (bf16 autocast), when that is not fp32: the same-precision peer.
+    plain_same_precision: Side | None
+    ratio_seshu_over_plain_same_precision: float | None
+    ratio_median_of_pairs_same_precision: float | None
+    # The two plain loops train from the same weights on the same batches: how far bf16 moves the loss curve.
+    max_abs_loss_difference_same_precision_vs_fp32: float | None
     foreign_cpu: float | None  # mean share of all cores other processes used while timing
     loadavg_after: tuple[float, float, float]
     seshu_extra: dict[str, Any] = field(default_factory=dict)
@@ -390,7 +413,7 @@ def bench_arch(
     args: argparse.Namespace,
     blocks: Blocks,
     tokenizer: PreTrainedTokenizerBase,
-    ceiling: float,
+    ceilings: dict[str, float],
     compile_model: bool,
     work: Path,
 ) -> Row:
@@ -407,13 +430,20 @@ def bench_arch(
     tag = f"{arch}-{args.preset}{' +compile' if compile_model else ''}"
     recipe = make_recipe(
         arch, args.preset, work / tag.replace(" +", "-"), blocks.tokenizer_dir, args.seq_len, args.batch_size,
-        warmup + steps, warmup, args.seed, compile_model,
+        warmup + steps, warmup, args.seed, compile_model, args.precision,
     )  # fmt: skip
-    print(f"[{tag}] {warmup} warm-up + {steps} timed steps, plain and seshu interleaved", flush=True)
+    precision = resolve_precision(args.precision)
+    plains = [PlainLoop(recipe, tokenizer, blocks.tensor)]
+    if precision != "fp32":
+        plains.append(PlainLoop(recipe, tokenizer, blocks.tensor, precision=precision))
+    print(
+        f"[{tag}] {warmup} warm-up + {steps} timed steps; seshu in {precision}, interleaved with the plain loop in "
+        + " and ".join(p.precision for p in plains),
+        flush=True,
+    )
     waited = wait_for_quiet(args.max_wait)
-    plain = PlainLoop(recipe, tokenizer, blocks.tensor)
-    total, active = count_parameters(plain.model), active_parameters(plain.model)
-    timer = Interleave(plain, warmup, sizes, args.seq_len, args.max_wait)
+    total, active = count_parameters(plains[0].model), active_parameters(plains[0].model)
+    timer = Interleave(plains, warmup, sizes, args.seq_len, args.max_wait)
     called = time.perf_counter()
     result = pretrain.run(recipe, callbacks=[timer])
     returned = time.perf_counter()
@@ -424,14 +454,23 @@ def bench_arch(
 
     timed = range(warmup, warmup + steps)
     quiet = [
-        i for i in timed if max(timer.foreign[i] or 0.0, timer.plain_foreign[i] or 0.0) <= QUIET
+        i for i in timed if max(timer.foreign[i] or 0.0, *(f[i] or 0.0 for f in timer.plain_foreign)) <= QUIET
     ]  # fmt: skip
     chosen = quiet if len(quiet) >= max(2, steps / 3) else list(timed)
-    seshu_side = Side.of(timer.seconds, timer.tokens, timer.foreign, warmup, chosen, 6 * active, ceiling)
-    plain_side = Side.of(plain.seconds, plain.tokens, timer.plain_foreign, warmup, chosen, 6 * active, ceiling)
-    pairs = [
-        (timer.tokens[i] / timer.seconds[i]) / (plain.tokens[i] / plain.seconds[i]) for i in chosen
-    ]  # fmt: skip
+    seshu_side = Side.of(
+        timer.seconds, timer.tokens, timer.foreign, warmup, chosen, 6 * active, ceilings[precision]
+    )  # fmt: skip
+    plain_sides = [
+        Side.of(p.seconds, p.tokens, f, warmup, chosen, 6 * active, ceilings[p.precision])
+        for p, f in zip(plains, timer.plain_foreign, strict=True)
+    ]
+
+    def median_of_pairs(plain: PlainLoop) -> float:
+        pairs = [(timer.tokens[i] / timer.seconds[i]) / (plain.tokens[i] / plain.seconds[i]) for i in chosen]
+        return round(statistics.median(pairs), 3)
+
+    same = plains[1] if len(plains) > 1 else None
+    same_side = plain_sides[1] if len(plain_sides) > 1 else None
     row = Row(
         arch=arch,
         preset=args.preset,
@@ -442,11 +481,20 @@ def bench_arch(
         timed_steps=steps,
         basis="quiet pairs" if chosen is quiet else "all steps",
         quiet_pairs=len(quiet),
-        plain=plain_side,
+        seshu_precision=precision,
+        plain=plain_sides[0],
         seshu=seshu_side,
-        ratio_seshu_over_plain=round(seshu_side.tokens_per_second / plain_side.tokens_per_second, 3),
-        ratio_median_of_pairs=round(statistics.median(pairs), 3),
-        foreign_cpu=_mean([*timer.foreign[warmup:], *timer.plain_foreign[warmup:]]),
+        ratio_seshu_over_plain=round(seshu_side.tokens_per_second / plain_sides[0].tokens_per_second, 3),
+        ratio_median_of_pairs=median_of_pairs(plains[0]),
+        plain_same_precision=same_side,
+        ratio_seshu_over_plain_same_precision=(
+            round(seshu_side.tokens_per_second / same_side.tokens_per_second, 3) if same_side else None
+        ),
+        ratio_median_of_pairs_same_precision=median_of_pairs(same) if same else None,
+        max_abs_loss_difference_same_precision_vs_fp32=(
+            max(abs(a - b) for a, b in zip(plains[0].losses, same.losses, strict=True)) if same else None
+        ),
+        foreign_cpu=_mean([*timer.foreign[warmup:], *(x for f in timer.plain_foreign for x in f[warmup:])]),
         loadavg_after=os.getloadavg(),
         seshu_extra={
             "waited_for_quiet_seconds": round(waited + args.max_wait - timer.wait_budget, 1),
@@ -458,10 +506,14 @@ def bench_arch(
             "short_batches_timed": sum(1 for i in chosen if timer.tokens[i] < args.batch_size * args.seq_len),
         },
     )
+    same_text = ""
+    if same_side:
+        ratio = row.ratio_seshu_over_plain_same_precision
+        same_text = f", plain {precision} {same_side.tokens_per_second:,.0f} tok/s (ratio {ratio:.2f})"
     print(
-        f"[{tag}] plain {plain_side.tokens_per_second:,.0f} tok/s, seshu {seshu_side.tokens_per_second:,.0f} tok/s, "
-        f"ratio {row.ratio_seshu_over_plain:.2f} (over {row.basis}: {len(chosen)} of {steps}; "
-        f"other processes took {row.foreign_cpu} of the CPU)",
+        f"[{tag}] plain fp32 {plain_sides[0].tokens_per_second:,.0f} tok/s, seshu {seshu_side.tokens_per_second:,.0f} "
+        f"tok/s (ratio {row.ratio_seshu_over_plain:.2f}){same_text}; over {row.basis}: {len(chosen)} of {steps}; "
+        f"other processes took {row.foreign_cpu} of the CPU",
         flush=True,
     )
     return row
@@ -494,7 +546,7 @@ def bench_mamba_scan(
     steps = args.scan_steps
     recipe = make_recipe(
         "mamba", args.preset, work / "mamba-scan", blocks.tokenizer_dir, args.seq_len, args.batch_size,
-        warmup + steps, warmup, args.seed, False,
+        warmup + steps, warmup, args.seed, False, "fp32",
     )  # fmt: skip
     seshu_side = PlainLoop(recipe, tokenizer, blocks.tensor)
     plain_model = AutoModelForCausalLM.from_config(seshu_side.model.config)
@@ -562,12 +614,16 @@ def print_scan_table(row: ScanRow, threads: int) -> None:
 # Driver
 
 
-def print_table(rows: Sequence[Row], ceiling: float, threads: int) -> None:
+def print_table(rows: Sequence[Row], ceilings: dict[str, float], threads: int) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Pretraining throughput, fp32, {threads} threads; matmul ceiling {ceiling} GFLOP/s")
-    columns = ("arch", "params (active)", "plain tok/s", "seshu tok/s", "seshu/plain", "MFU plain", "MFU seshu")
+    peaks = ", ".join(f"{k} {v}" for k, v in ceilings.items())
+    table = Table(title=f"Pretraining throughput, {threads} threads; matmul ceilings (GFLOP/s): {peaks}")
+    columns = (
+        "arch", "params (active)", "seshu in", "plain fp32 tok/s", "seshu tok/s", "seshu / plain fp32",
+        "plain same-prec. tok/s", "seshu / same-prec.", "MFU plain fp32", "MFU seshu",
+    )  # fmt: skip
     for name in (*columns, "other load", "steps"):
         table.add_column(name, justify="left" if name == "arch" else "right")
     for r in rows:
@@ -577,9 +633,12 @@ def print_table(rows: Sequence[Row], ceiling: float, threads: int) -> None:
         table.add_row(
             f"{r.arch}-{r.preset}{' +compile' if r.compile else ''}",
             params,
+            r.seshu_precision,
             f"{r.plain.tokens_per_second:,.0f}",
             f"{r.seshu.tokens_per_second:,.0f}",
             f"{r.ratio_seshu_over_plain:.2f}",
+            f"{r.plain_same_precision.tokens_per_second:,.0f}" if r.plain_same_precision else "-",
+            f"{r.ratio_seshu_over_plain_same_precision:.2f}" if r.ratio_seshu_over_plain_same_precision else "-",
             f"{r.plain.mfu:.1%}",
             f"{r.seshu.mfu:.1%}",
             "?" if r.foreign_cpu is None else f"{r.foreign_cpu:.0%}",
@@ -589,16 +648,17 @@ def print_table(rows: Sequence[Row], ceiling: float, threads: int) -> None:
     console = Console(width=132)
     console.print(table)
     console.print(
-        "MFU = 6 x params x tokens/s / matmul ceiling; a mixture of experts counts its active parameters (in\n"
-        "brackets). 6N leaves out attention scores and Mamba's scan, so MFU understates the work, for both sides.\n"
+        "MFU = 6 x params x tokens/s / the matmul ceiling of the side's precision; a mixture of experts counts its\n"
+        "active parameters (in brackets). 6N leaves out attention scores and Mamba's scan, so MFU understates the\n"
+        "work, for every side. same-prec.: the plain loop under bf16 autocast, when Seshu trains in bf16.\n"
         "other load: share of the CPU other processes took while timing. steps: the timed steps the figures\n"
-        "come from: only those where neither side saw other load over 10% (quiet), when a third or more were."
+        "come from: only those where no side saw other load over 10% (quiet), when a third or more were."
     )
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--archs", nargs="*", default=["llama", "mixtral", "mamba"], help="none: --mamba-scan only")
+    parser.add_argument("--archs", nargs="*", default=["llama", "mixtral", "mamba"], help="none: the Mamba scans only")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: 30, mamba 8)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (default: 3, mamba 2)")
@@ -608,9 +668,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="also measure both sides with torch.compile")
     parser.add_argument(
-        "--mamba-scan", action="store_true", help="also compare Seshu's Mamba scan with mambapy's (same batches)"
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="Seshu's train.precision (default: auto, its default); the plain loop runs in fp32, and also in bf16 "
+        "when Seshu does",
     )
-    parser.add_argument("--scan-steps", type=int, default=50, help="timed steps of --mamba-scan (default: 50)")
+    parser.add_argument(
+        "--mamba-scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare Seshu's Mamba scan with mambapy's, same batches (default: on)",
+    )
+    parser.add_argument("--scan-steps", type=int, default=50, help="timed steps of the Mamba scans (default: 50)")
     parser.add_argument(
         "--max-wait", type=float, default=60.0, help="seconds to wait for other processes to go quiet before each arch"
     )
@@ -625,8 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = os.getloadavg()
     threads = torch.get_num_threads()
     wait_for_quiet(args.max_wait)
-    ceiling = matmul_ceiling()
-    print(f"matmul ceiling: {ceiling['gflops_best']} GFLOP/s (median {ceiling['gflops_median']}), {threads} threads")
+    ceiling = {name: matmul_ceiling(dtype=dtype) for name, dtype in CEILING_DTYPES.items()}
+    for name, c in ceiling.items():
+        print(f"{name} matmul ceiling: {c['gflops_best']} GFLOP/s (median {c['gflops_median']}), {threads} threads")
 
     rows: list[Row] = []
     scan_row: ScanRow | None = None
@@ -641,16 +712,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for compile_model in (False, True) if args.compile else (False,):
             for arch in args.archs:
-                rows.append(bench_arch(arch, args, blocks, tokenizer, ceiling["gflops_best"], compile_model, work))
+                best = {name: c["gflops_best"] for name, c in ceiling.items()}
+                rows.append(bench_arch(arch, args, blocks, tokenizer, best, compile_model, work))
         if args.mamba_scan:
             scan_row = bench_mamba_scan(args, blocks, tokenizer, work)
     wait_for_quiet(args.max_wait)
-    ceiling_end = matmul_ceiling()
+    ceiling_end = {name: matmul_ceiling(dtype=dtype) for name, dtype in CEILING_DTYPES.items()}
     # Other processes can only slow the matmul down: the better of the two measurements is the ceiling.
-    used = max(ceiling["gflops_best"], ceiling_end["gflops_best"])
+    used = {name: max(ceiling[name]["gflops_best"], ceiling_end[name]["gflops_best"]) for name in ceiling}
     for row in rows:
-        for side in (row.plain, row.seshu):
-            side.mfu = round(6 * row.active_parameters * side.tokens_per_second / (used * 1e9), 4)
+        sides = [(row.plain, "fp32"), (row.seshu, row.seshu_precision)]
+        if row.plain_same_precision:
+            sides.append((row.plain_same_precision, row.seshu_precision))
+        for side, precision in sides:
+            side.mfu = round(6 * row.active_parameters * side.tokens_per_second / (used[precision] * 1e9), 4)
 
     if rows:
         print_table(rows, used, threads)
@@ -664,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "settings": {
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "tokens_per_step": args.seq_len * args.batch_size,
-            "precision": "fp32",
+            "seshu_precision": resolve_precision(args.precision),
             "plain_loop": "AdamW (recipe lr, betas, eps; weight decay as Trainer applies it), recipe LR schedule, "
             "clip_grad_norm_ at train.max_grad_norm, use_cache off, full shuffled batches from one tensor",
             "timing": "plain and seshu interleaved step by step; tokens/s over the steps after the warm-up",
@@ -680,7 +755,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "loadavg_end": os.getloadavg(),
             "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
         },
-        "matmul_ceiling": {**ceiling, "gflops_best_at_end": ceiling_end["gflops_best"], "gflops_used": used},
+        "matmul_ceiling": {
+            name: {**c, "gflops_best_at_end": ceiling_end[name]["gflops_best"], "gflops_used": used[name]}
+            for name, c in ceiling.items()
+        },
         "data": {
             "corpus": list(CORPUS),
             "vocab_size": blocks.vocab_size,
@@ -695,8 +773,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(row) for row in rows],
         "mamba_scan": asdict(scan_row) if scan_row else None,
         "notes": [
-            "MFU = 6 * active parameters * tokens/s / matmul ceiling "
-            "(best fp32 GFLOP/s of 2048^3 matmuls at the same thread count, the better of start and end).",
+            "MFU = 6 * active parameters * tokens/s / matmul ceiling of the side's precision "
+            "(best GFLOP/s of 2048^3 matmuls in that dtype at the same thread count, the better of start and end).",
+            "plain_same_precision: the plain loop with bf16 autocast around the forward (float32 weights and AdamW); "
+            "it and the fp32 plain loop train the same model code as Seshu, its MoE experts under autocast included.",
             "Mixture of experts: active = non-expert parameters + expert parameters * top_k / num_experts.",
             "6N leaves out attention-score FLOPs and Mamba's selective scan.",
             "foreign_cpu: share of all cores other processes used while timing (0 = machine otherwise idle).",

@@ -11,6 +11,7 @@ from seshu.config import PretrainRecipe, validate
 from seshu.errors import UserError
 from seshu.hub.card import read_card_metadata
 from seshu.train import pretrain
+from seshu.train.precision import describe_precision, resolve_precision
 
 
 def make_recipe(out: Path, corpus: list[str], tokenizer: Path | None = None, **sections: Any) -> PretrainRecipe:
@@ -45,7 +46,8 @@ def test_pretrain_learns_and_writes_a_plain_hf_model(tmp_path: Path, corpus_file
     result = pretrain.run(make_recipe(out, corpus_files), log=lines.append)
     assert lines[:2] == [f"data: {path}: read line by line (text_unit: auto)" for path in corpus_files]
     assert lines[2] == "training a bpe tokenizer (300 tokens) on the training corpus"
-    assert lines[3].startswith(f"model: llama, {result.parameters:,} parameters; 24 steps of 128 tokens")
+    precision = describe_precision("auto")  # bf16 mixed precision on a CPU with native bf16, else float32
+    assert lines[3].startswith(f"model: llama, {result.parameters:,} parameters; {precision}; 24 steps of 128 tokens")
     assert [line.split(" |")[0] for line in lines[4:] if "| loss" in line] == [f"step {s}/24" for s in range(4, 25, 4)]
 
     losses = [e["loss"] for e in log_entries(out) if "loss" in e]
@@ -67,6 +69,8 @@ def test_pretrain_learns_and_writes_a_plain_hf_model(tmp_path: Path, corpus_file
     assert {i["path"] for i in card["inputs"]} == set(corpus_files)
     assert all(len(i["sha256"]) == 64 for i in card["inputs"])
     assert card["recipe"]["model"]["arch"] == "llama"
+    assert card["precision"] == resolve_precision("auto")
+    assert f"Trained in {precision}." in (out / "README.md").read_text()
     assert (out / "tokenizer" / "tokenizer.json").is_file()
 
 

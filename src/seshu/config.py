@@ -139,7 +139,8 @@ class TrainSection(StrictModel):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.1, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 mixed precision where the hardware computes bf16 natively, float32 elsewhere (seshu.train.precision).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     optimizer: Literal["adamw_torch", "adamw_8bit"] = "adamw_torch"
     compile: bool = False
@@ -210,6 +211,9 @@ class SFTTrainSection(TrainSection):
     lr: float = Field(2e-4, gt=0)
     warmup_steps: int = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # auto's speed-up is measured for pretraining. Under bf16 LoRA also loads the frozen base in bf16, a change in
+    # what trains that needs its own measurement first; `precision: auto` is there to choose.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
 
 
 class VLMSection(StrictModel):

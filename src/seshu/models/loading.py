@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from seshu.errors import UserError, first_line
 from seshu.hub.ids import is_hub_id
-from seshu.models.mamba import use_fast_scan
+from seshu.models.fast_paths import use_fast_paths
 from seshu.tokenizer import load_tokenizer
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +68,7 @@ def load_causal_lm(
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load the model: {first_line(exc)}") from None
     check_vocab_fits(tokenizer, embedding_rows(model), path)
-    use_fast_scan(model)  # Seshu's chunked selective scan for a Mamba (a no-op otherwise); same numbers, faster
+    use_fast_paths(model)  # a Mamba's chunked scan, a MoE's experts under autocast (no-ops otherwise)
     if device:
         model = model.to(torch.device(device))  # type: ignore[arg-type]  # transformers types .to() as dtype-only
     model.eval()

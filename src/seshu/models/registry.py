@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from seshu.errors import UserError
-from seshu.models.mamba import use_fast_scan
+from seshu.models.fast_paths import use_fast_paths
 
 
 @dataclass(frozen=True)
@@ -281,8 +281,8 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> PreTrainedModel:
     import torch
 
     torch.manual_seed(seed)
-    # Seshu's chunked selective scan for Mamba (a no-op for other archs); the model stays a plain transformers one.
-    return use_fast_scan(AutoModelForCausalLM.from_config(config))
+    # Seshu's chunked selective scan for Mamba, its experts under autocast for a MoE; still a plain transformers model.
+    return use_fast_paths(AutoModelForCausalLM.from_config(config))
 
 
 def arch_of(config: PretrainedConfig) -> ArchSpec | None:

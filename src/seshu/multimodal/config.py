@@ -85,6 +85,8 @@ class ProjectorTrainSection(TrainSection):
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(30, ge=0)
     weight_decay: float = Field(0.0, ge=0)
+    # auto's speed-up is measured for pretraining only (see SFTTrainSection).
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
 
 
 class VLMPretrainRecipe(StrictModel):

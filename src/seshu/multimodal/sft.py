@@ -46,6 +46,7 @@ from seshu.multimodal.rows import ROW_FEATURES, check_image_tokens, conversation
 from seshu.multimodal.speech import Transcriber, bundled_model
 from seshu.train.common import main_process_log, silent
 from seshu.train.lora import apply_lora
+from seshu.train.precision import resolve_precision
 from seshu.train.run import Finished, Job, TrainData, run_job
 from seshu.train.sft import (
     SFTResult,
@@ -205,7 +206,7 @@ def answer_tokens(ds: datasets.Dataset) -> int:
 
 
 def _load_base(recipe: SFTRecipe, path: str) -> LlavaForConditionalGeneration:
-    method, precision = recipe.sft.method, recipe.train.precision
+    method, precision = recipe.sft.method, resolve_precision(recipe.train.precision)
     if method == "qlora":
         spec = arch_of(AutoConfig.from_pretrained(path).get_text_config())
         # Module paths from the top (transformers matches a skip pattern from the start, or as a suffix).

@@ -38,9 +38,10 @@ from seshu.models.registry import (
     model_context_length,
 )
 from seshu.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-from seshu.train.common import LanguageModelLossMixin, main_process_log, silent, tokens_per_step
+from seshu.train.common import LanguageModelLossMixin, loss_without_logits, main_process_log, silent, tokens_per_step
 from seshu.train.distributed import from_main_process, is_main_process
 from seshu.train.lora import apply_lora
+from seshu.train.precision import describe_precision, resolve_precision
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 TOKENIZER_DIR = "tokenizer"
@@ -65,6 +66,10 @@ def collate_blocks(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 class CausalLMTrainer(LanguageModelLossMixin, Trainer):
     """transformers' Trainer, validating on the language-modelling loss alone."""
+
+    def __init__(self, model: PreTrainedModel | PeftModel, **kwargs: Any) -> None:
+        loss_without_logits(model)
+        super().__init__(model=model, **kwargs)
 
 
 def _prepare_tokenizer(
@@ -145,6 +150,7 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
             "inputs": describe_inputs(sources),
             "init_from": describe_model(recipe.model.init_from) if recipe.model.init_from else None,
             "recipe": recipe.model_dump(mode="json"),
+            "precision": resolve_precision(recipe.train.precision),
             **({"scan": scan} if scan else {}),
         },
     }
@@ -154,7 +160,8 @@ def _card(recipe: PretrainRecipe, model: PreTrainedModel | PeftModel, metrics: d
         f"{'continued from ' + recipe.model.init_from if recipe.model.init_from else 'trained from scratch'} "
         f"with Seshu for {steps} steps ({tokens:,} tokens per device)."
         + (f" Validation perplexity: {ppl:.2f}." if ppl is not None else "")
-        + (f" Trained with {scan}." if scan else "")
+        + f" Trained in {describe_precision(recipe.train.precision)}"
+        + (f", with {scan}." if scan else ".")
         + "\n\n"
         + usage_snippet()
     )
@@ -215,6 +222,7 @@ def run(
     describe = (
         f"model: {model.config.model_type}, {parameters:,} parameters"
         + (f" (scan: {scan})" if scan else "")
+        + f"; {describe_precision(recipe.train.precision)}"
         + f"; {recipe.train.max_steps} steps of {tokens_per_step(recipe.train):,} tokens"
     )
     job = Job(tokenizer, build_datasets, lambda *_: describe, make_trainer, card)

@@ -38,13 +38,14 @@ from seshu.data.mixing import is_validation
 from seshu.data.pipeline import cached_rows, sources_state, state_digest, tokenizer_state
 from seshu.errors import UserError, first_line
 from seshu.hub.card import describe_inputs, describe_model, render_card, usage_snippet
+from seshu.models.fast_paths import use_fast_paths
 from seshu.models.loading import check_model_dir, check_vocab_fits, default_device, embedding_rows, load_causal_lm
-from seshu.models.mamba import use_fast_scan
 from seshu.models.registry import ARCHS, arch_of, count_parameters, model_context_length
 from seshu.tokenizer import load_tokenizer
 from seshu.train.common import LanguageModelLossMixin, main_process_log, silent
 from seshu.train.distributed import state
 from seshu.train.lora import apply_lora
+from seshu.train.precision import resolve_precision
 from seshu.train.run import Finished, Job, TrainData, check_run, run_job
 
 ROW_FEATURES = datasets.Features(
@@ -199,7 +200,7 @@ def check_rows_fit(config: PretrainedConfig, ref: str, *splits: datasets.Dataset
 
 
 def _load_base(recipe: SFTRecipe, path: str) -> PreTrainedModel:
-    precision, method = recipe.train.precision, recipe.sft.method
+    precision, method = resolve_precision(recipe.train.precision), recipe.sft.method
     if method != "qlora":
         # LoRA keeps the frozen base in the training precision; full training keeps fp32 master weights.
         dtype = "bfloat16" if precision == "bf16" and method == "lora" else "float32"
@@ -216,7 +217,7 @@ def load_in_4bit(
     """The model at `path` as `model_class`, its linear layers in 4-bit NF4 (double-quantized, computing in the
     training precision) but for `skip_modules` (None: transformers' default, the head), prepared for k-bit
     training."""
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(train.precision, torch.float32)
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(train.precision), torch.float32)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         llm_int8_skip_modules=skip_modules,  # (despite the name, also what 4-bit loading leaves alone)
@@ -238,7 +239,7 @@ def load_in_4bit(
         raise UserError(f"{path}: cannot load the model in 4 bits: {first_line(exc)}") from None
     if default_device() == "cpu":
         _keep_cpu_4bit_trainable(model)
-    use_fast_scan(model)  # a Mamba's training scan, as `load_causal_lm` gives the other methods
+    use_fast_paths(model)  # as `load_causal_lm` gives the other methods
     prepared: PreTrainedModel = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=train.gradient_checkpointing
     )
