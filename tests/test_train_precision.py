@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.integrations import moe
 
@@ -116,6 +117,18 @@ def test_experts_run_in_the_autocast_dtype_and_train_float32_weights(monkeypatch
         eager(input_ids=ids, labels=ids).loss.backward()
     reference = eager.model.layers[0].mlp.experts.gate_up_proj.grad
     torch.testing.assert_close(experts.gate_up_proj.grad, reference, rtol=0.05, atol=1e-4)
+
+
+def test_lora_on_the_expert_parameters_runs_in_the_autocast_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = LoraConfig(r=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = get_peft_model(tiny_mixtral(), config)
+    dtypes = record_grouped_mm(monkeypatch)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the weight with its LoRA delta, cast for the matmul
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad and "lora_B" in n}
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.values())
 
 
 def test_a_saved_mixture_names_no_seshu_implementation(tmp_path: Path) -> None:

@@ -24,7 +24,9 @@ Model = TypeVar("Model", bound=torch.nn.Module)
 
 
 class _CastWeights:
-    """The experts module as the grouped_mm forward reads it, with each floating-point parameter cast to `dtype`."""
+    """The experts module as the grouped_mm forward reads it, with each floating-point tensor it holds cast to
+    `dtype`: its parameters, or what a parametrization computes in their place (peft's LoRA on the experts'
+    parameters, `lora.target_parameters`, reads as the base weight plus the adapter's delta)."""
 
     def __init__(self, experts: torch.nn.Module, dtype: torch.dtype) -> None:
         self._experts = experts
@@ -32,7 +34,7 @@ class _CastWeights:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._experts, name)
-        if isinstance(value, torch.nn.Parameter) and value.is_floating_point():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.to(self._dtype)
         return value
 
