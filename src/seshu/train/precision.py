@@ -3,8 +3,9 @@ natively, float32 elsewhere.
 
 Measured on 2 cores with AVX512-BF16 (`bench/pretrain_throughput.py`): bf16 autocast takes a Llama-small training
 step from 0.83 s to 0.56 s, and a Mixtral-small one from 1.08 s to 0.75 s with its experts in bf16 too
-(`seshu.models.experts`). Without native bf16 a CPU emulates it, and it would be slower than float32, so `auto`
-keeps float32 there; a GPU without bf16 gets float32 too, since fp16 needs loss scaling a user should choose.
+(`seshu.models.experts`). Where the hardware lacks bf16 dot products, bf16 matmuls are converted in software and
+that gain is not there to take, so `auto` keeps float32; so it does on a GPU without bf16, since fp16 needs loss
+scaling, which a user should choose.
 Master weights and the optimizer stay float32 either way (autocast casts per matmul).
 """
 
