@@ -9,9 +9,10 @@ Per size: a fp32 Llama base (seeded random init) and two variants (base + seeded
 method: both tools merge the same three models from the same YAML, each in a child process (wall time around it,
 peak memory its own ru_maxrss, via a small launcher process), inputs read once before each run (warm cache), sides
 alternating; then the two outputs are compared tensor by tensor. For linear and task_arithmetic, seshu's merge time
-is then put against `dd` reading the same input files and writing as many bytes as the output, measured right there,
-from a warm cache (as the runs above) and from a cold one (inputs evicted from the page cache, output synced to the
-disk). bench/README.md (## merge_vs_mergekit) has the details.
+is then put against `dd` reading the same input files and writing as many bytes as the output, each of the two
+from the same settled memory (dirty pages written back, the page cache dropped where allowed, then the inputs read
+once for warm, evicted for cold, where the output is also synced to the disk). bench/README.md
+(## merge_vs_mergekit) has the details.
 """
 
 from __future__ import annotations
@@ -280,27 +281,45 @@ def timed_dd(*operands: str) -> float:
     return time.perf_counter() - began
 
 
-def disk_reference(models: Sequence[Path], out_bytes: int, scratch: Path) -> dict[str, Any]:
-    """`dd` on the same bytes as a merge of `models`: reading every input file to /dev/null from a cold cache (the
-    files evicted first) and then from a warm one, and writing `out_bytes` of zeros with and without
-    conv=fdatasync (to the disk, or only to the page cache as a merge's own timing leaves it)."""
-    files = weight_files(models)
+def settle(models: Sequence[Path], cold: bool) -> bool:
+    """Put memory in the same state before each timed run against the disk, so that neither seshu nor `dd` meets a
+    kinder page cache: dirty pages written back, the page cache dropped where that is allowed (as root), then the
+    inputs evicted (cold) or read once (warm). Returns whether the cache could be dropped.
+
+    Why: on this VM the time to write into the page cache depends on what the cache went through just before.
+    1.5 GB of writes took 3.3, 1.2 and 0.3 s in three runs in a row. `dd`'s warm write of a 740M merge's bytes took
+    1.1-1.4 s when it came right after another write and an unlink, and 7.6-7.8 s after the settling the merge
+    had."""
     os.sync()
-    evict(files)
-    cold = sum(timed_dd(f"if={path}", "of=/dev/null") for path in files)
-    warm = sum(timed_dd(f"if={path}", "of=/dev/null") for path in files)
+    dropped = False
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        dropped = True
+    files = weight_files(models)
+    if cold:
+        evict(files)
+    else:
+        for path in files:
+            timed_dd(f"if={path}", "of=/dev/null")
+    return dropped
+
+
+def disk_reference(models: Sequence[Path], out_bytes: int, scratch: Path, cold: bool) -> dict[str, Any]:
+    """`dd` on the same bytes as a merge of `models`, from a settled cache (see `settle`): reading every input file
+    to /dev/null, then writing `out_bytes` of zeros; cold: the inputs evicted first and the write fdatasync'd (to
+    the disk), warm: the inputs cached and the write left in the page cache, as a merge's own timing leaves it."""
+    files = weight_files(models)
+    dropped = settle(models, cold)
+    read = sum(timed_dd(f"if={path}", "of=/dev/null") for path in files)
     blocks = -(-out_bytes // DD_BLOCK)
-    written = {}
-    for key, extra in (("write_synced_seconds", ["conv=fdatasync"]), ("write_cached_seconds", [])):
-        written[key] = round(timed_dd("if=/dev/zero", f"of={scratch}", f"count={blocks}", *extra), 3)
-        scratch.unlink()
-        os.sync()
+    write = timed_dd("if=/dev/zero", f"of={scratch}", f"count={blocks}", *(["conv=fdatasync"] if cold else []))
+    scratch.unlink()
     return {
         "read_bytes": sum(path.stat().st_size for path in files),
         "write_bytes": blocks * DD_BLOCK,
-        "read_cold_seconds": round(cold, 3),
-        "read_warm_seconds": round(warm, 3),
-        **written,
+        "read_seconds": round(read, 3),
+        "write_seconds": round(write, 3),
+        "page_cache_dropped_first": dropped,
     }
 
 
@@ -415,43 +434,33 @@ def bench_method(size: str, method: str, models: list[Path], work: Path, args: a
         print(f"[{tag}] seshu/mergekit time {ratio:.2f}; max |diff| {check_cell(method, check)}", flush=True)
     disk = None
     if method in DISK_METHODS and seshu["ok"]:
-        disk = against_disk(tag, models, outs["seshu"], commands["seshu"], work, attempts["seshu"][-1])
+        disk = against_disk(tag, models, outs["seshu"], commands["seshu"], work)
     for out in outs.values():  # 3 GB each at 740m
         shutil.rmtree(out, ignore_errors=True)
     return Row(size, method, seshu, mergekit, ratio, check, config_dict, os.getloadavg(), disk)
 
 
-def against_disk(
-    tag: str, models: list[Path], out: Path, command: list[str], work: Path, warm: dict[str, Any]
-) -> dict[str, Any]:
-    """seshu's merge time (its own report, without start-up) against `dd` on the same bytes, measured right after
-    its last run: warm (that run: inputs in the cache, output left in the page cache) and cold (inputs evicted
-    before a fresh seshu run, whose output is then fsynced: that time counts)."""
+def against_disk(tag: str, models: list[Path], out: Path, command: list[str], work: Path) -> dict[str, Any]:
+    """seshu's merge time (its own report, without start-up) against `dd` on the same bytes, each from the same
+    settled state of memory (`settle`): warm (inputs in the cache, output left in the page cache) and cold (inputs
+    evicted, output fsynced: that time counts)."""
     out_bytes = sum(path.stat().st_size for path in out.glob("*.safetensors"))
-    reference = disk_reference(models, out_bytes, work / "dd-write.tmp")
-    shutil.rmtree(out)
-    os.sync()
-    evict(weight_files(models))
-    print(f"[{tag}] seshu from a cold cache ...", end=" ", flush=True)
-    cold = run_timed(command, work / "logs" / f"{tag}-seshu-cold", out)
-    print(
-        f"{cold.get('own_seconds', float('nan')):.2f} s merging + {cold['output_fsync_seconds']:.2f} s fsync",
-        flush=True,
-    )
-    if "own_seconds" not in warm or "own_seconds" not in cold:
-        return {"reference": reference, "error": "a seshu run failed", "runs": {"warm": warm, "cold": cold}}
-    result = {
-        "reference": reference,
-        "warm": disk_ratios(warm["own_seconds"], reference["read_warm_seconds"], reference["write_cached_seconds"]),
-        "cold": disk_ratios(
-            cold["own_seconds"] + cold["output_fsync_seconds"],
-            reference["read_cold_seconds"],
-            reference["write_synced_seconds"],
-        ),
-        "runs": {"warm": warm, "cold": cold},
-    }
+    result: dict[str, Any] = {"reference": {}, "runs": {}}
     for state in ("warm", "cold"):
-        r = result[state]
+        cold = state == "cold"
+        shutil.rmtree(out)
+        settle(models, cold)
+        print(f"[{tag}] seshu from a settled {state} cache ...", end=" ", flush=True)
+        run = run_timed(command, work / "logs" / f"{tag}-seshu-{state}", out)
+        fsync = run["output_fsync_seconds"] if cold else 0.0
+        print(f"{run.get('own_seconds', float('nan')):.2f} s merging" + (f" + {fsync:.2f} s fsync" if cold else ""))
+        reference = disk_reference(models, out_bytes, work / "dd-write.tmp", cold)
+        result["runs"][state], result["reference"][state] = run, reference
+        if "own_seconds" not in run:
+            return {**result, "error": "a seshu run failed"}
+        r = result[state] = disk_ratios(
+            run["own_seconds"] + fsync, reference["read_seconds"], reference["write_seconds"]
+        )
         print(f"[{tag}] {state}: merge {r['merge_seconds']:.2f} s, dd read {r['read_seconds']:.2f} s + write "
               f"{r['write_seconds']:.2f} s: x{r['over_read_plus_write']:.2f} of read+write, "
               f"x{r['over_max_read_write']:.2f} of max(read, write)", flush=True)  # fmt: skip
@@ -519,8 +528,9 @@ def print_disk_table(rows: Sequence[Row]) -> None:
     console = Console(width=132)
     console.print(table)
     console.print(
-        "warm: inputs in the page cache, the output left there (dd write without fdatasync); cold: inputs evicted\n"
-        "(posix_fadvise DONTNEED) before the merge, its output fsynced after it (counted), dd with conv=fdatasync.\n"
+        "Each row's merge and dd start from the same settled memory: dirty pages written back, the page cache\n"
+        "dropped where allowed (root), then warm: inputs read once, the output left in the page cache (dd write\n"
+        "without fdatasync); cold: inputs evicted, the merge's output fsynced (counted), dd with conv=fdatasync.\n"
         "/ (read+write) <= 1: the merge overlaps its reads and writes better than taking turns would; / max = 1 is\n"
         "the limit of a perfect overlap."
     )
@@ -583,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "timing": "each side a subprocess; wall = perf_counter around it, peak = ru_maxrss via a launcher; inputs "
             "read once before every run (warm cache), os.sync() after it; sides alternate; the inputs' sha256 for "
             "Seshu's card hashed once before the runs (checkpoints.<size>.seshu_input_hashing_seconds); "
-            "results[i].disk (linear, task_arithmetic): seshu's own merge seconds against dd on the same bytes",
+            "results[i].disk (linear, task_arithmetic): seshu's own merge seconds against dd on the same bytes, each "
+            "after the same settling of memory (sync, drop_caches where allowed, inputs read or evicted)",
         },
         "checkpoints": checkpoints,
         "environment": {
