@@ -3,7 +3,7 @@
 transformers runs a MoE's experts through `torch._grouped_mm`, which autocast does not cover, so it casts the
 tokens to the weights' dtype instead (`transformers.integrations.moe._grouped_mm`). Training keeps float32 master
 weights, so under bf16 autocast the experts, most of a MoE's matmul work, stay in float32 while everything else
-runs in bf16: Mixtral-small gained 1.16x from bf16 where Llama-small gained 1.5x. `use_autocast_experts` registers
+runs in bf16: a Mixtral-small step gained 1.09x from bf16 (1.43x with this), a Llama-small one 1.5x. It registers
 an experts implementation that casts the expert weights to the autocast dtype for the call (the cast's backward
 brings their gradients back to float32, as autocast does for a Linear) and is transformers' own grouped_mm
 otherwise. The choice lives in the loaded model only: `config.json` does not record an experts implementation,
