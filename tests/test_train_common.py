@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,15 @@ def test_training_arguments_follow_the_recipe(tmp_path: Path) -> None:
     assert args.eval_strategy == "no" and args.report_to == [] and args.run_name == "run"
     tracked = training_arguments(train, TrackSection(report_to="mlflow"), tmp_path / "run", has_eval=True)
     assert tracked["eval_strategy"] == "steps" and tracked["report_to"] == ["mlflow"]
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_is_passed_without_a_deprecation(tmp_path: Path, checkpointing: bool) -> None:
+    train = TrainSection(gradient_checkpointing=checkpointing, precision="fp32")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*deprecated", category=FutureWarning)
+        args = TrainingArguments(**training_arguments(train, TrackSection(), tmp_path / "run", has_eval=False))
+    assert args.gradient_checkpointing is checkpointing  # (transformers mirrors the old name)
 
 
 def test_the_context_of_a_model_is_its_position_limit() -> None:

@@ -4,6 +4,7 @@ training, publishing. `seshu.train.run` puts them in order."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, ProcessorMixin, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import ModelOutput
@@ -27,6 +28,13 @@ from seshu.train.distributed import is_main_process, on_cpu
 from seshu.train.precision import resolve_precision
 
 CHECKPOINTS = "checkpoints"
+# transformers 5.2x renamed TrainingArguments' `gradient_checkpointing` to `activation_checkpointing`; the old name
+# warns and is to go in v6. Seshu supports transformers >= 5.0, so it passes the name this transformers has.
+_CHECKPOINTING = (
+    "activation_checkpointing"
+    if "activation_checkpointing" in {f.name for f in dataclasses.fields(TrainingArguments)}
+    else "gradient_checkpointing"
+)
 MLFLOW_ARTIFACTS = "mlflow-artifacts"
 
 
@@ -138,7 +146,7 @@ def training_arguments(train: TrainSection, track: TrackSection, out: Path, has_
         use_cpu=on_cpu(),
         bf16=resolve_precision(train.precision) == "bf16",
         fp16=train.precision == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
+        **{_CHECKPOINTING: train.gradient_checkpointing},
         # AdamW as torch's fused kernel (the same update to float rounding; Trainer's own default): one pass over
         # each parameter instead of a dozen elementwise ops, 8 ms -> 4 ms per Llama-small step on 2 CPU cores,
         # and on a GPU a few kernel launches per step instead of several per parameter.
