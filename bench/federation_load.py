@@ -39,7 +39,7 @@ import httpx
 import psutil
 from machine import (  # bench/machine.py: the benchmarks' shared look at the machine
     CpuMonitor,
-    cpu_model,
+    machine_record,
     wait_for_quiet,
 )
 
@@ -772,13 +772,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{p: version(p) for p in PACKAGES},
             "uvicorn_http": "httptools" if _has("httptools") else "h11",
             "uvicorn_loop": "uvloop" if _has("uvloop") else "asyncio",
-            "processor": cpu_model(),
-            "cpu_count": os.cpu_count(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
             "filesystem": _filesystem(Path(tempfile.gettempdir())),
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            **machine_record(started, load_start),
         },
         "servers": run.servers,
         "uploads": run.uploads,

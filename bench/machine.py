@@ -6,7 +6,9 @@ import os
 import platform
 import resource
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 
 class CpuMonitor:
@@ -68,3 +70,15 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def machine_record(started: datetime, load_start: tuple[float, float, float]) -> dict[str, Any]:
+    """For a benchmark's JSON (`environment`): the CPU it ran on, the load average at its start and end, and how
+    long it took since `started` (UTC)."""
+    return {
+        "processor": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+    }

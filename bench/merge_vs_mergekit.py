@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import transformers
 import yaml
-from machine import cpu_model  # bench/machine.py: the benchmarks' shared look at the machine
+from machine import machine_record  # bench/machine.py: the benchmarks' shared look at the machine
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -600,12 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": {
             "seshu_env": {"python": platform.python_version(), **{p: version(p) for p in PACKAGES}},
             "mergekit_env": versions,
-            "processor": cpu_model(),
-            "cpu_count": os.cpu_count(),
             "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1),
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            **machine_record(started, load_start),
         },
         "results": [asdict(row) for row in rows],
     }

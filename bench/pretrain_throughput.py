@@ -62,7 +62,7 @@ import torch
 import transformers
 from machine import (  # bench/machine.py: the benchmarks' shared look at the machine
     CpuMonitor,
-    cpu_model,
+    machine_record,
     wait_for_quiet,
 )
 from transformers import (
@@ -748,12 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch": torch.__version__,
             "transformers": transformers.__version__,
             "python": platform.python_version(),
-            "processor": cpu_model(),
-            "cpu_count": os.cpu_count(),
             "torch_threads": threads,
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            **machine_record(started, load_start),
         },
         "matmul_ceiling": {
             name: {**c, "gflops_best_at_end": ceiling_end[name]["gflops_best"], "gflops_used": used[name]}

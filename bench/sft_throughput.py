@@ -56,7 +56,7 @@ import torch
 import transformers
 from machine import (  # bench/machine.py: the benchmarks' shared look at the machine
     CpuMonitor,
-    cpu_model,
+    machine_record,
     wait_for_quiet,
 )
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -297,16 +297,24 @@ def worker_main(spec_path: Path) -> int:
     """Run one measurement as `spec_path` says and write its figures next to it (`<spec>.result.json`)."""
     from seshu.config import SFTRecipe, validate
 
+    def measure(spec: dict[str, Any]) -> dict[str, Any]:
+        recipe = validate(SFTRecipe, spec["recipe"], "benchmark recipe")
+        torch.manual_seed(recipe.train.seed)
+        if spec["side"] == "seshu":
+            return seshu_side(recipe, spec["warmup"])
+        return direct_side(recipe, spec["warmup"], Path(spec["rows_dir"]))
+
+    return run_measurement(spec_path, measure)
+
+
+def run_measurement(spec_path: Path, measure: Callable[[dict[str, Any]], dict[str, Any]]) -> int:
+    """In a worker process: `measure` the spec at `spec_path`, add the process's wall time, peak memory and load,
+    and write the figures next to it (`<spec>.result.json`)."""
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     transformers.logging.set_verbosity_error()
     imported = _status_mb("VmRSS")
-    recipe = validate(SFTRecipe, spec["recipe"], "benchmark recipe")
     begin = time.perf_counter()
-    torch.manual_seed(recipe.train.seed)
-    if spec["side"] == "seshu":
-        figures = seshu_side(recipe, spec["warmup"])
-    else:
-        figures = direct_side(recipe, spec["warmup"], Path(spec["rows_dir"]))
+    figures = measure(spec)
     figures.update(
         wall_seconds=round(time.perf_counter() - begin, 1),
         peak_rss_mb=peak_rss_mb(),
@@ -421,28 +429,37 @@ def prepare(args: argparse.Namespace, work: Path) -> Prepared:
 
 
 def run_worker(side: str, method: str, args: argparse.Namespace, prepared: Prepared, work: Path, tag: str) -> dict:
-    run_dir = work / f"{method}-{side}-{tag}"
+    name = f"{method}-{side}-{tag}"
     spec = {
         "side": side,
         "warmup": args.warmup,
         "rows_dir": str(prepared.rows_dir),
-        "recipe": make_recipe(args, method, prepared.base_dir, run_dir),
+        "recipe": make_recipe(args, method, prepared.base_dir, work / name),
     }
-    spec_path = work / f"{method}-{side}-{tag}.json"
+    return run_worker_process(__file__, spec, work / name, args.max_wait, prepared.rows_digest)
+
+
+def run_worker_process(
+    script: str, spec: dict[str, Any], stem: Path, max_wait: float, rows_digest: str
+) -> dict[str, Any]:
+    """Once the machine is quiet, run `script --worker` on `spec` (written to `<stem>.json`, its output logged to
+    `<stem>.log`) in a fresh process; its figures, checked to come from the prepared rows (`rows_digest`)."""
+    spec_path, log = stem.with_suffix(".json"), stem.with_suffix(".log")
     spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    waited = wait_for_quiet(args.max_wait)
-    log = work / f"{method}-{side}-{tag}.log"
+    waited = wait_for_quiet(max_wait)
     with open(log, "w", encoding="utf-8") as handle:
         done = subprocess.run(
-            [sys.executable, __file__, "--worker", str(spec_path)], stdout=handle, stderr=subprocess.STDOUT
+            [sys.executable, script, "--worker", str(spec_path)], stdout=handle, stderr=subprocess.STDOUT
         )
     if done.returncode != 0:
         tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"the {side} {method} worker failed (exit {done.returncode}):\n{tail}")
+        raise RuntimeError(f"the {stem.name} worker failed (exit {done.returncode}):\n{tail}")
     figures: dict[str, Any] = json.loads(spec_path.with_suffix(".result.json").read_text(encoding="utf-8"))
     figures["waited_seconds"] = waited
-    if figures["rows_digest"] != prepared.rows_digest:
-        raise RuntimeError(f"the {side} side trained on other rows than were prepared; the comparison is unfair")
+    if figures["rows_digest"] != rows_digest:
+        raise RuntimeError(
+            f"the {spec['side']} side trained on other rows than were prepared; the comparison is unfair"
+        )
     return figures
 
 
@@ -626,12 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bitsandbytes": _version("bitsandbytes"),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "processor": cpu_model(),
-            "cpu_count": os.cpu_count(),
             "torch_threads": threads,
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            **machine_record(started, load_start),
         },
         "model": {
             "arch": "llama",

@@ -41,10 +41,8 @@ import json
 import os
 import platform
 import random
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -53,17 +51,17 @@ from typing import Any
 
 import torch
 import transformers
-from machine import cpu_model, wait_for_quiet  # bench/machine.py: the benchmarks' shared look at the machine
+from machine import machine_record  # bench/machine.py: the benchmarks' shared look at the machine
 from PIL import Image, ImageDraw
 from sft_throughput import (  # bench/sft_throughput.py: the same measuring, for text fine-tuning
     CORPUS,
     Row,
     StepMeter,
-    _status_mb,
     _version,
     alternate_sides,
-    peak_rss_mb,
     rows_digest,
+    run_measurement,
+    run_worker_process,
     summarize,
 )
 
@@ -269,25 +267,14 @@ def direct_side(task: str, recipe: dict[str, Any], warmup: int, rows_dir: Path, 
 
 def worker_main(spec_path: Path) -> int:
     """Run one measurement as `spec_path` says and write its figures next to it (`<spec>.result.json`)."""
-    spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    transformers.logging.set_verbosity_error()
-    imported = _status_mb("VmRSS")
-    begin = time.perf_counter()
-    torch.manual_seed(spec["recipe"]["train"]["seed"])
-    if spec["side"] == "seshu":
-        figures = seshu_side(spec["task"], validate_recipe(spec["task"], spec["recipe"]), spec["warmup"])
-    else:
-        figures = direct_side(
-            spec["task"], spec["recipe"], spec["warmup"], Path(spec["rows_dir"]), spec["lora_targets"]
-        )
-    figures.update(
-        wall_seconds=round(time.perf_counter() - begin, 1),
-        peak_rss_mb=peak_rss_mb(),
-        rss_after_imports_mb=imported,
-        loadavg_after=os.getloadavg(),
-    )
-    spec_path.with_suffix(".result.json").write_text(json.dumps(figures), encoding="utf-8")
-    return 0
+
+    def measure(spec: dict[str, Any]) -> dict[str, Any]:
+        torch.manual_seed(spec["recipe"]["train"]["seed"])
+        if spec["side"] == "seshu":
+            return seshu_side(spec["task"], validate_recipe(spec["task"], spec["recipe"]), spec["warmup"])
+        return direct_side(spec["task"], spec["recipe"], spec["warmup"], Path(spec["rows_dir"]), spec["lora_targets"])
+
+    return run_measurement(spec_path, measure)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -387,22 +374,7 @@ def worker_spec(side: str, task: str, args: argparse.Namespace, prepared: Prepar
 def run_worker(side: str, task: str, args: argparse.Namespace, prepared: Prepared, work: Path, tag: str) -> dict:
     name = f"{task}-{side}-{tag}"
     spec = worker_spec(side, task, args, prepared, work / name)
-    spec_path = work / f"{name}.json"
-    spec_path.write_text(json.dumps(spec), encoding="utf-8")
-    waited = wait_for_quiet(args.max_wait)
-    log = work / f"{name}.log"
-    with open(log, "w", encoding="utf-8") as handle:
-        done = subprocess.run(
-            [sys.executable, __file__, "--worker", str(spec_path)], stdout=handle, stderr=subprocess.STDOUT
-        )
-    if done.returncode != 0:
-        tail = "".join(log.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)[-30:])
-        raise RuntimeError(f"the {side} {task} worker failed (exit {done.returncode}):\n{tail}")
-    figures: dict[str, Any] = json.loads(spec_path.with_suffix(".result.json").read_text(encoding="utf-8"))
-    figures["waited_seconds"] = waited
-    if figures["rows_digest"] != prepared.data[task]["rows_digest"]:
-        raise RuntimeError(f"the {side} side trained on other rows than were prepared; the comparison is unfair")
-    return figures
+    return run_worker_process(__file__, spec, work / name, args.max_wait, prepared.data[task]["rows_digest"])
 
 
 def bench_task(task: str, args: argparse.Namespace, prepared: Prepared, work: Path) -> Row:
@@ -532,12 +504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pillow": _version("pillow"),
             "python": platform.python_version(),
             "machine": platform.machine(),
-            "processor": cpu_model(),
-            "cpu_count": os.cpu_count(),
             "torch_threads": threads,
-            "loadavg_start": load_start,
-            "loadavg_end": os.getloadavg(),
-            "seconds": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
+            **machine_record(started, load_start),
         },
         "model": prepared.model,
         "data": prepared.data,
